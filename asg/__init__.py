@@ -1,0 +1,30 @@
+"""asg: Aggregate Semantic Grouping — compress a transformer's token tables into shared concept vectors.
+
+    import asg
+    report = asg.compress(model, asg.ASGConfig(k=1024, m=48))   # in place
+    asg.save_pretrained(model, "model-asg")
+    model = asg.from_pretrained("model-asg")
+"""
+
+__version__ = "0.1.0"
+
+from . import pq
+from .checkpoint import from_pretrained, read_plan, save_pretrained
+from .config import ASGConfig
+from .modules import ASGEmbedding, ASGHead
+from .report import CompressionReport
+from .surgery import asg_modules, compress, is_compressed
+
+__all__ = [
+    "ASGConfig",
+    "ASGEmbedding",
+    "ASGHead",
+    "CompressionReport",
+    "asg_modules",
+    "compress",
+    "from_pretrained",
+    "is_compressed",
+    "pq",
+    "read_plan",
+    "save_pretrained",
+]

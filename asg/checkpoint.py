@@ -1,0 +1,228 @@
+"""Save and load ASG-compressed models: a transformers config with an `asg` section plus safetensors weights.
+
+The weights file holds the codebooks and codes, never a dense (V, D) table for a replaced part, and
+every tensor once: tied tensors are stored under one name and re-tied on load (the aliases are in the
+file's metadata). Writes go to a temporary folder that is renamed into place, so a crash or a bad
+input never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .surgery import FORMAT_VERSION, is_compressed, rebuild
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def save_pretrained(model: nn.Module, path: str | os.PathLike, *, tokenizer=None) -> Path:
+    """Write a compressed model (and optionally its tokenizer) to the folder `path`, atomically."""
+    plan = getattr(getattr(model, "config", None), "asg", None)
+    if not plan or not is_compressed(model):
+        raise ValueError("this model is not ASG-compressed; call asg.compress(model, asg.ASGConfig(...)) first")
+    path = Path(path)
+    _check_replaceable(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        config = copy.deepcopy(model.config)
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(tmp)
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None and getattr(model, "can_generate", lambda: False)():
+            generation_config.save_pretrained(tmp)
+        tensors, aliases = _unique_tensors(model)
+        metadata = {"format": "pt", "asg_format_version": str(FORMAT_VERSION), "asg_aliases": json.dumps(aliases)}
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _move_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def from_pretrained(path: str | os.PathLike, model_class=None) -> nn.Module:
+    """Load a folder written by `save_pretrained`; needs only that folder. Returns the model in eval mode.
+
+    `model_class` defaults to the architecture recorded in the folder (a transformers class name);
+    pass a transformers class or Auto class to override it.
+    """
+    import transformers
+
+    path = Path(path)
+    plan = read_plan(path)
+    config = transformers.AutoConfig.from_pretrained(path)
+    # transformers 5 reads some configs (T5) back tied although they were saved untied: restore what was saved.
+    if plan.get("tie_word_embeddings") is not None:
+        config.tie_word_embeddings = plan["tie_word_embeddings"]
+    model_class = model_class or _architecture_class(config, path)
+    state, aliases = _read_weights(path)
+    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    with _no_init_weights():
+        if isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel):
+            model = model_class._from_config(config, dtype=dtype)
+        else:
+            model = model_class.from_config(config, dtype=dtype)
+    try:
+        rebuild(model, plan)
+    except (AttributeError, KeyError) as err:
+        raise ValueError(f"{path}: the recorded ASG tables do not fit {type(model).__name__} ({err}); "
+                         f"load it with the architecture it was saved from, {config.architectures}") from None
+    _load_state(model, state, aliases, path)
+    if (path / "generation_config.json").exists():
+        model.generation_config = transformers.GenerationConfig.from_pretrained(path)
+    model.eval()
+    return model
+
+
+def read_plan(path: str | os.PathLike) -> dict[str, Any]:
+    """The `asg` section of a checkpoint's config.json; ValueError if `path` is not an ASG checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path} does not exist; give the folder written by asg.save_pretrained or `asg compress`")
+    if not path.is_dir():
+        raise ValueError(f"{path} is a file, not a checkpoint folder; give the folder written by `asg compress`")
+    config_file = path / CONFIG_NAME
+    if not config_file.exists():
+        raise ValueError(f"{path} is not an ASG checkpoint (it has no {CONFIG_NAME}); "
+                         "create one with asg.save_pretrained or `asg compress`")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_file} is not valid JSON ({err}); the checkpoint is damaged, save it again") from None
+    plan = config.get("asg")
+    if not isinstance(plan, dict):
+        raise ValueError(f"{path} is a plain transformers checkpoint, not an ASG one; load it with transformers, "
+                         "or compress it first with asg.compress or `asg compress`")
+    version = plan.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{path} was written in ASG format {version!r}, but this asg reads format "
+                         f"{FORMAT_VERSION} or older; upgrade asg (pip install -U asg)")
+    return plan
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _check_replaceable(path: Path) -> None:
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ValueError(f"{path} is a file; choose a folder path for the checkpoint")
+    if any(path.iterdir()):
+        try:
+            read_plan(path)
+        except ValueError:
+            raise ValueError(f"{path} exists and is not an ASG checkpoint; refusing to replace it. "
+                             "Choose a new folder or remove it first") from None
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    if not path.exists():
+        os.rename(tmp, path)
+        return
+    backup = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(path, backup)
+    os.rename(tmp, path)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict with each tensor once, and {alias name: stored name} for the tied rest."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    stored: dict[tuple, str] = {}
+    storages: set[int] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        tensor = tensor.detach()
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride(), tensor.device)
+        if key in stored:
+            aliases[name] = stored[key]
+            continue
+        stored[key] = name
+        storage = tensor.untyped_storage().data_ptr()
+        # A view into storage that another tensor already uses must be copied: safetensors refuses shared memory.
+        tensors[name] = tensor.clone() if storage in storages else tensor.contiguous()
+        storages.add(storage)
+    return tensors, aliases
+
+
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    weights = path / WEIGHTS_NAME
+    if not weights.exists():
+        raise ValueError(f"{path} has no {WEIGHTS_NAME}; the checkpoint is incomplete, save it again")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            state = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise ValueError(f"{weights} is truncated or corrupt ({err}); save the checkpoint again") from None
+    return state, json.loads(metadata.get("asg_aliases", "{}"))
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], aliases: dict[str, str], path: Path) -> None:
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"{path}: {len(result.unexpected_keys)} stored tensors do not belong to "
+                         f"{type(model).__name__} (e.g. {result.unexpected_keys[:3]}); was it saved from another architecture?")
+    for alias, name in aliases.items():
+        _tie(model, alias, name)
+    missing = [key for key in result.missing_keys if key not in aliases]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} tensors are missing from {WEIGHTS_NAME} (e.g. {missing[:3]}); "
+                         "the checkpoint is incomplete, save it again")
+
+
+def _tie(model: nn.Module, alias: str, name: str) -> None:
+    """Make the tensor at `alias` the very tensor at `name`, as it was when saved."""
+    source = model.get_parameter(name) if _is_parameter(model, name) else model.get_buffer(name)
+    parent_path, _, attr = alias.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    if isinstance(source, nn.Parameter):
+        setattr(parent, attr, source)
+    else:
+        parent._buffers[attr] = source
+
+
+def _is_parameter(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_parameter(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _architecture_class(config, path: Path):
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    raise ValueError(f"{path}: config.json names no architecture known to transformers "
+                     f"({getattr(config, 'architectures', None)}); pass model_class=, e.g. transformers.AutoModel")
+
+
+def _no_init_weights():
+    """Skip random initialisation of a model whose weights are loaded right after (semi-internal API)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older or newer transformers: initialise, slower but correct
+        return contextlib.nullcontext()
+    return no_init_weights()

@@ -1,0 +1,97 @@
+"""`ASGConfig`: the settings of one Aggregate Semantic Grouping compression."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+CODEBOOKS = ("separate", "shared")
+TARGETS = ("input", "output")
+BACKENDS = ("faiss", "torch")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass
+class ASGConfig:
+    """How to compress: k concept vectors per codebook, m segments per token, and how to fit them.
+
+    `codebook="separate"` learns one codebook per segment (the paper's E', m·k rows);
+    `"shared"` pools every segment into one codebook of k rows (paper section 3.3).
+    `targets` names the tables to replace: the input embedding, the output head, or both.
+    """
+
+    k: int
+    m: int
+    codebook: str = "separate"
+    targets: tuple[str, ...] = TARGETS
+    niter: int = 25
+    seed: int = 0
+    backend: str = "faiss"
+
+    version: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
+        self.targets = tuple(self.targets)
+        for name in ("k", "m", "niter", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if self.k < 2:
+            raise ValueError(f"k={self.k} is too small: a codebook needs at least 2 concept vectors; use k >= 2 (the paper uses 128 to 32768)")
+        if self.m < 1:
+            raise ValueError(f"m={self.m} must be at least 1 (the number of segments per token; the paper uses 32 to 64)")
+        if self.niter < 1:
+            raise ValueError(f"niter={self.niter} must be at least 1 (k-means iterations; 25 is the usual choice)")
+        if self.codebook not in CODEBOOKS:
+            raise ValueError(f"unknown codebook {self.codebook!r}: use 'separate' (one codebook per segment) or 'shared' (one for all)")
+        if not self.targets:
+            raise ValueError("targets is empty: name at least one of 'input' and 'output'")
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown:
+            raise ValueError(f"unknown target(s) {unknown}: use 'input', 'output' or both")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"targets {self.targets} names a table twice; name each of 'input' and 'output' at most once")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}: use 'faiss' (default) or 'torch' (no faiss needed, runs on GPU)")
+
+    @property
+    def shared(self) -> bool:
+        """True when one codebook serves every segment."""
+        return self.codebook == "shared"
+
+    def validate_for(self, num_rows: int, dim: int, what: str = "embedding") -> None:
+        """Check that this config fits a (num_rows, dim) table; raise ValueError with the fix otherwise."""
+        if dim % self.m:
+            choices = [d for d in _divisors(dim) if 8 <= d <= 128] or _divisors(dim)
+            raise ValueError(
+                f"m={self.m} does not divide the {what} dimension D={dim}: every segment must have D/m values. "
+                f"Choose m from the divisors of {dim}, for example {choices}"
+            )
+        points = num_rows * self.m if self.shared else num_rows
+        if self.k > points:
+            where = f"the {num_rows}×{self.m} pooled segments" if self.shared else f"the {num_rows} vocabulary rows"
+            hint = "" if self.shared else " or use codebook='shared', which pools all V·m segments"
+            raise ValueError(
+                f"k={self.k} is larger than the number of points to cluster ({where} of the {what}); "
+                f"a codebook cannot have more concept vectors than points. Use k <= {points}{hint}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the settings (tuples become lists)."""
+        out = asdict(self)
+        out["targets"] = list(self.targets)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ASGConfig":
+        """Rebuild a config from `to_dict` output; unknown keys are an error, not silently dropped."""
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ValueError(f"unknown ASGConfig field(s) {unknown}; known fields are {sorted(allowed)}")
+        return cls(**data)

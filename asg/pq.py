@@ -1,0 +1,265 @@
+"""Product quantization of a (V, D) matrix into m segments of k concept vectors each.
+
+Numbers only: this module knows nothing of models. Shapes, for a matrix of V rows and D columns
+split into m segments of D/m values:
+
+- separate codebooks: `codebooks` is (m, k, D/m), one codebook per segment (paper section 2.1);
+- shared codebook: `codebooks` is (k, D/m), one codebook for all segments (paper section 3.3);
+- `codes` is (V, m) in the smallest integer type that holds k (see `code_dtype`): row v, column i
+  is the index of the concept vector that segment i of row v uses.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+#: faiss's default cap on training points per centroid; larger inputs are subsampled for training
+#: (every point is still assigned to its nearest centroid afterwards).
+MAX_POINTS_PER_CENTROID = 256
+_SPLIT_EPS = 1.0 / 1024.0
+_ASSIGN_BLOCK = 1 << 25  # distance-matrix elements computed at once by the torch backend
+_warned_no_faiss = False
+
+
+class PQFit(NamedTuple):
+    """The result of `fit`: codebooks (m, k, D/m) or (k, D/m) float32, and codes (V, m)."""
+
+    codebooks: np.ndarray
+    codes: np.ndarray
+
+
+def code_dtype(k: int) -> np.dtype:
+    """The smallest integer dtype that holds the indices 0..k-1 (uint8 for k <= 256)."""
+    if k <= 1 << 8:
+        return np.dtype(np.uint8)
+    if k <= 1 << 15:
+        return np.dtype(np.int16)
+    if k <= 1 << 16:
+        return np.dtype(np.uint16)
+    return np.dtype(np.int32)
+
+
+def fit(
+    matrix,
+    k: int,
+    m: int,
+    codebook: str = "separate",
+    niter: int = 25,
+    seed: int = 0,
+    backend: str = "faiss",
+    progress: bool = False,
+    desc: str = "k-means",
+) -> PQFit:
+    """Fit product-quantization codebooks to `matrix` (V, D) by per-segment k-means and encode every row.
+
+    `backend="faiss"` runs faiss k-means segment by segment; `"torch"` runs all segments at once as a
+    batched k-means on the matrix's device (a GPU where the tensor lives there). Same seed and input give
+    the same codes. Inputs larger than 256·k points are subsampled (seeded) for training only.
+    """
+    if codebook not in ("separate", "shared"):
+        raise ValueError(f"unknown codebook {codebook!r}: use 'separate' or 'shared'")
+    if backend not in ("faiss", "torch"):
+        raise ValueError(f"unknown backend {backend!r}: use 'faiss' or 'torch'")
+    num_rows, dim = matrix.shape
+    if dim % m:
+        raise ValueError(f"m={m} does not divide D={dim}; choose m among the divisors of {dim}")
+    points = num_rows * m if codebook == "shared" else num_rows
+    if not 2 <= k <= points:
+        raise ValueError(f"k={k} must be between 2 and the number of points to cluster ({points})")
+    if backend == "faiss" and not _have_faiss():
+        _warn_no_faiss()
+        backend = "torch"
+    if backend == "faiss":
+        x = _as_numpy32(matrix)
+        return _fit_faiss(x, k, m, codebook, niter, seed, progress, desc)
+    x = _as_torch32(matrix)
+    return _fit_torch(x, k, m, codebook, niter, seed, progress, desc)
+
+
+def decode(codebooks, codes):
+    """Rebuild the (V, D) matrix from codebooks and codes; numpy in, numpy out, torch in, torch out."""
+    if isinstance(codebooks, torch.Tensor):
+        idx = torch.as_tensor(codes, device=codebooks.device).long()
+        if codebooks.dim() == 3:
+            idx = idx + torch.arange(codebooks.shape[0], device=codebooks.device) * codebooks.shape[1]
+            segments = codebooks.reshape(-1, codebooks.shape[-1])[idx]
+        else:
+            segments = codebooks[idx]
+        return segments.reshape(idx.shape[0], -1)
+    codebooks = np.asarray(codebooks)
+    idx = np.asarray(codes).astype(np.int64)
+    if codebooks.ndim == 3:
+        segments = codebooks[np.arange(codebooks.shape[0])[None, :], idx]
+    else:
+        segments = codebooks[idx]
+    return segments.reshape(idx.shape[0], -1)
+
+
+def encode(codebooks, matrix) -> np.ndarray:
+    """Codes (V, m) of each row of `matrix` (V, D): the nearest concept vector of every segment."""
+    cb = _as_torch32(codebooks)
+    codes = _encode(_as_torch32(matrix).to(cb.device), cb)
+    return codes.cpu().numpy().astype(code_dtype(cb.shape[-2]))
+
+
+def relative_error(matrix, reconstruction) -> float:
+    """Relative Frobenius error ||E - Ê|| / ||E|| between a matrix and its reconstruction."""
+    a = _as_torch32(matrix).double()
+    b = _as_torch32(reconstruction).double().to(a.device)
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(a).clamp_min(1e-30))
+
+
+# --- faiss backend -----------------------------------------------------------------------------
+
+
+def _fit_faiss(x: np.ndarray, k, m, codebook, niter, seed, progress, desc) -> PQFit:
+    import faiss
+
+    num_rows, dim = x.shape
+    sub = dim // m
+    if codebook == "shared":
+        pooled = x.reshape(num_rows * m, sub)
+        with tqdm(total=2, desc=f"{desc} (shared, faiss)", disable=not progress) as bar:
+            train = pooled[_training_sample(len(pooled), k, seed)]
+            km = _faiss_kmeans(faiss, sub, k, niter, seed)
+            km.train(train)
+            bar.update()
+            _, idx = km.index.search(pooled, 1)
+            bar.update()
+        codes = idx.reshape(num_rows, m).astype(code_dtype(k))
+        return PQFit(km.centroids.reshape(k, sub).astype(np.float32), codes)
+
+    codebooks = np.empty((m, k, sub), dtype=np.float32)
+    codes = np.empty((num_rows, m), dtype=code_dtype(k))
+    for i in tqdm(range(m), desc=f"{desc} (faiss)", unit="segment", disable=not progress):
+        segment = np.ascontiguousarray(x[:, i * sub : (i + 1) * sub])
+        km = _faiss_kmeans(faiss, sub, k, niter, seed + i)
+        km.train(segment)
+        _, idx = km.index.search(segment, 1)
+        codebooks[i] = km.centroids.reshape(k, sub)
+        codes[:, i] = idx[:, 0]
+    return PQFit(codebooks, codes)
+
+
+def _faiss_kmeans(faiss, dim, k, niter, seed):
+    # min_points_per_centroid=1: tiny vocabularies are legal, and faiss's warning about them is noise.
+    return faiss.Kmeans(
+        dim, k, niter=niter, seed=seed, verbose=False,
+        min_points_per_centroid=1, max_points_per_centroid=MAX_POINTS_PER_CENTROID,
+    )
+
+
+# --- torch backend -----------------------------------------------------------------------------
+
+
+def _fit_torch(x: torch.Tensor, k, m, codebook, niter, seed, progress, desc) -> PQFit:
+    num_rows, dim = x.shape
+    sub = dim // m
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    if codebook == "shared":
+        pooled = x.reshape(1, num_rows * m, sub)
+        sample = torch.as_tensor(_training_sample(pooled.shape[1], k, seed), device=x.device)
+        centroids = _kmeans(pooled[:, sample], k, niter, gen, progress, f"{desc} (shared, torch)")[0]
+    else:
+        segments = x.reshape(num_rows, m, sub).transpose(0, 1).contiguous()  # (m, V, D/m)
+        sample = _training_sample(num_rows, k, seed)
+        train = segments if len(sample) == num_rows else segments[:, torch.as_tensor(sample, device=x.device)]
+        centroids = _kmeans(train, k, niter, gen, progress, f"{desc} (torch)")
+    codes = _encode(x, centroids)
+    return PQFit(centroids.cpu().numpy(), codes.cpu().numpy().astype(code_dtype(k)))
+
+
+def _encode(x: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """Codes (V, m) long of x (V, D) against codebooks (m, k, D/m) or shared (k, D/m)."""
+    num_rows, sub = x.shape[0], codebooks.shape[-1]
+    m = x.shape[1] // sub
+    if codebooks.dim() == 3:
+        return _assign(x.reshape(num_rows, m, sub).transpose(0, 1), codebooks).T
+    return _assign(x.reshape(1, num_rows * m, sub), codebooks[None]).reshape(num_rows, m)
+
+
+def _kmeans(x: torch.Tensor, k: int, niter: int, gen: torch.Generator, progress: bool, desc: str) -> torch.Tensor:
+    """Batched Lloyd k-means: x (S, N, d) -> centroids (S, k, d), one clustering per leading index."""
+    batch, num, dim = x.shape
+    init = torch.rand(batch, num, generator=gen, device=x.device).argsort(dim=1)[:, :k]
+    centroids = torch.gather(x, 1, init[..., None].expand(-1, -1, dim)).clone()
+    ones = torch.ones(batch, num, device=x.device, dtype=x.dtype)
+    for _ in tqdm(range(niter), desc=desc, unit="iter", disable=not progress):
+        assign = _assign(x, centroids)
+        sums = torch.zeros_like(centroids).scatter_add_(1, assign[..., None].expand(-1, -1, dim), x)
+        counts = torch.zeros(batch, k, device=x.device, dtype=x.dtype).scatter_add_(1, assign, ones)
+        centroids = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], centroids)
+        _split_empty_clusters(centroids, counts, gen)
+    return centroids
+
+
+def _assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid for every point: x (S, N, d), centroids (S, k, d) -> (S, N) long."""
+    batch, num, _ = x.shape
+    k = centroids.shape[1]
+    norms = (centroids * centroids).sum(-1)[:, None, :]
+    out = torch.empty(batch, num, dtype=torch.long, device=x.device)
+    block = max(1, _ASSIGN_BLOCK // (batch * k))
+    for start in range(0, num, block):
+        dist = torch.baddbmm(norms, x[:, start : start + block], centroids.transpose(1, 2), alpha=-2.0)
+        out[:, start : start + block] = dist.argmin(-1)
+    return out
+
+
+def _split_empty_clusters(centroids: torch.Tensor, counts: torch.Tensor, gen: torch.Generator) -> None:
+    """Refill empty clusters by splitting large ones, as faiss does (embedding segments have many near-duplicates)."""
+    for s in torch.nonzero((counts == 0).any(1)).flatten().tolist():
+        for ci in torch.nonzero(counts[s] == 0).flatten().tolist():
+            weights = (counts[s] - 1).clamp_min(0)
+            if weights.sum() <= 0:
+                return
+            cj = int(torch.multinomial(weights, 1, generator=gen))
+            sign = torch.ones_like(centroids[s, cj])
+            sign[1::2] = -1
+            centroids[s, ci] = centroids[s, cj] * (1 + _SPLIT_EPS * sign)
+            centroids[s, cj] = centroids[s, cj] * (1 - _SPLIT_EPS * sign)
+            counts[s, ci] = torch.floor(counts[s, cj] / 2)
+            counts[s, cj] -= counts[s, ci]
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _training_sample(num_points: int, k: int, seed: int) -> np.ndarray:
+    """Indices of the points k-means trains on: all of them, or a seeded sample of 256·k."""
+    cap = MAX_POINTS_PER_CENTROID * k
+    if num_points <= cap:
+        return np.arange(num_points)
+    return np.sort(np.random.default_rng(seed).choice(num_points, size=cap, replace=False))
+
+
+def _as_numpy32(matrix) -> np.ndarray:
+    if isinstance(matrix, torch.Tensor):
+        matrix = matrix.detach().to("cpu", torch.float32).numpy()
+    return np.ascontiguousarray(matrix, dtype=np.float32)
+
+
+def _as_torch32(matrix) -> torch.Tensor:
+    if isinstance(matrix, torch.Tensor):
+        return matrix.detach().to(torch.float32)
+    return torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32))
+
+
+def _have_faiss() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _warn_no_faiss() -> None:
+    global _warned_no_faiss
+    if not _warned_no_faiss:
+        warnings.warn("faiss is not installed: using the torch k-means backend instead (pip install faiss-cpu)", stacklevel=3)
+        _warned_no_faiss = True

@@ -1,0 +1,272 @@
+"""Find a model's token tables, replace them with ASG modules in place, and account for the parameters.
+
+The input table is found through `get_input_embeddings()` of the model and of every sub-model (an
+encoder–decoder such as T5 holds it at `shared`, `encoder.embed_tokens` and `decoder.embed_tokens`);
+the output table through `get_output_embeddings()`. A head whose weight *is* the input weight (tied)
+shares the one input `ASGEmbedding`; an untied head (mT5, Llama) gets codebooks fitted on its own matrix.
+What was replaced, and where, is recorded in `model.config.asg` so that a checkpoint can be rebuilt.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import pq
+from .config import ASGConfig
+from .modules import ASGEmbedding, ASGHead
+from .report import CompressionReport
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+INPUT, OUTPUT = "input", "output"
+
+
+def compress(model: nn.Module, config: ASGConfig, *, progress: bool = True) -> CompressionReport:
+    """Replace the model's input embedding (and output head, if targeted) by ASG modules, in place."""
+    from . import __version__
+
+    if not isinstance(config, ASGConfig):
+        raise ValueError(f"config must be an asg.ASGConfig, got {type(config).__name__}")
+    if is_compressed(model):
+        raise ValueError("this model is already ASG-compressed; load the original model to compress it again")
+    embedding = _input_embedding(model)
+    head = _output_embedding(model)
+    if INPUT not in config.targets and head is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding (LM head) to compress; use targets=('input',)")
+    vocab, dim = embedding.weight.shape
+    if INPUT in config.targets:
+        config.validate_for(vocab, dim, "input embedding")
+    if head is not None and OUTPUT in config.targets:
+        config.validate_for(*head.weight.shape, "output head")
+
+    params_before = count_parameters(model)
+    tied = head is not None and _same_tensor(head.weight, embedding.weight)
+    tables: dict[str, dict[str, Any]] = {}
+    errors: dict[str, float] = {}
+    dense_bytes = 0
+    replaced_dense = 0
+    asg_input = None
+    with torch.no_grad():
+        if INPUT in config.targets:
+            locations = _input_locations(model, embedding)
+            asg_input, errors[INPUT] = _fit(embedding.weight, config, INPUT, progress,
+                                            padding_idx=embedding.padding_idx,
+                                            embed_scale=getattr(embedding, "embed_scale", None))
+            for weight in _distinct_weights(model, locations):
+                dense_bytes += _nbytes(weight)
+                replaced_dense += weight.numel()
+            tables[INPUT] = _table_entry(asg_input, locations)
+            for path in locations:
+                _set_submodule(model, path, asg_input)
+        if head is not None and OUTPUT in config.targets:
+            locations = _locations(model, head)
+            if tied and asg_input is not None:
+                asg_output = asg_input
+            else:
+                asg_output, errors[OUTPUT] = _fit(head.weight, config, OUTPUT, progress)
+                dense_bytes += _nbytes(head.weight)
+                replaced_dense += head.weight.numel()
+            tables[OUTPUT] = _table_entry(asg_output, locations)
+            tables[OUTPUT].update(tied=asg_output is asg_input, bias=head.bias is not None)
+            new_head = ASGHead(asg_output, head.bias)
+            for path in locations:
+                _set_submodule(model, path, new_head)
+
+    replaced_paths = [p for entry in tables.values() for p in entry["locations"]]
+    _forget_hf_ties(model, replaced_paths)
+    model.config.asg = {
+        "format_version": FORMAT_VERSION,
+        "asg_version": __version__,
+        "method": "asg",
+        "config": config.to_dict(),
+        "tie_word_embeddings": getattr(model.config, "tie_word_embeddings", None),
+        "tables": tables,
+    }
+    modules = asg_modules(model)
+    return CompressionReport(
+        method="asg",
+        settings={"k": config.k, "m": config.m, "codebook": config.codebook},
+        embedding_params_before=replaced_dense,
+        embedding_params_after=sum(mod.codebooks.numel() for mod in modules),
+        model_params_before=params_before,
+        model_params_after=count_parameters(model),
+        code_bytes=sum(_nbytes(mod.codes) for mod in modules),
+        dense_bytes=dense_bytes,
+        reconstruction_error=errors,
+        tables=tables,
+    )
+
+
+def rebuild(model: nn.Module, plan: dict[str, Any]) -> None:
+    """Put empty ASG modules of the recorded shapes where `plan` (a `config.asg` section) says they go."""
+    tables = plan["tables"]
+    asg_input = None
+    if INPUT in tables:
+        entry = tables[INPUT]
+        dense = model.get_submodule(entry["locations"][0])
+        asg_input = _empty_like(entry, dense, embed_scale=getattr(dense, "embed_scale", None))
+        for path in entry["locations"]:
+            _set_submodule(model, path, asg_input)
+    if OUTPUT in tables:
+        entry = tables[OUTPUT]
+        dense = model.get_submodule(entry["locations"][0])
+        embedding = asg_input if entry["tied"] else _empty_like(entry, dense)
+        bias = dense.bias if entry["bias"] else None
+        new_head = ASGHead(embedding, bias)
+        for path in entry["locations"]:
+            _set_submodule(model, path, new_head)
+    _forget_hf_ties(model, [p for entry in tables.values() for p in entry["locations"]])
+    model.config.asg = plan
+
+
+def is_compressed(model: nn.Module) -> bool:
+    """True when the model holds at least one ASG module."""
+    return any(isinstance(mod, (ASGEmbedding, ASGHead)) for mod in model.modules())
+
+
+def asg_modules(model: nn.Module) -> list[ASGEmbedding]:
+    """The distinct `ASGEmbedding` modules of a model (a tied head's is the input's, listed once)."""
+    seen: dict[int, ASGEmbedding] = {}
+    for mod in model.modules():
+        if isinstance(mod, ASGEmbedding):
+            seen.setdefault(id(mod), mod)
+    return list(seen.values())
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameters (tied tensors count once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# --- finding the tables --------------------------------------------------------------------------
+
+
+def _input_embedding(model: nn.Module) -> nn.Embedding:
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        raise ValueError(f"{type(model).__name__} does not expose get_input_embeddings(); asg.compress needs a "
+                         "Hugging Face transformers model with a token embedding") from None
+    if isinstance(embedding, (ASGEmbedding, ASGHead)):
+        raise ValueError("this model is already ASG-compressed; load the original model to compress it again")
+    if not isinstance(embedding, nn.Embedding):
+        raise ValueError(f"the input embedding of {type(model).__name__} is a {type(embedding).__name__}, "
+                         "not an nn.Embedding token table; ASG compresses token tables only")
+    return embedding
+
+
+def _output_embedding(model: nn.Module) -> nn.Linear | None:
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if head is None:
+        return None
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"the output embedding of {type(model).__name__} is a {type(head).__name__}, not an "
+                         "nn.Linear head; compress the input side only with targets=('input',)")
+    return head
+
+
+def _input_locations(model: nn.Module, embedding: nn.Embedding) -> list[str]:
+    """Every module path that holds the input table: the top model's and each sub-model's input embedding."""
+    holders = {id(embedding): embedding}
+    for mod in model.modules():
+        if mod is model or not hasattr(mod, "get_input_embeddings"):
+            continue
+        try:
+            other = mod.get_input_embeddings()
+        except (AttributeError, NotImplementedError):
+            continue
+        if isinstance(other, nn.Embedding) and other.weight.shape == embedding.weight.shape:
+            if not _same_tensor(other.weight, embedding.weight) and not torch.equal(other.weight, embedding.weight):
+                logger.warning(
+                    "%s holds an input table of the same shape as get_input_embeddings() but different values "
+                    "(an untied encoder-decoder built from a config?); it is replaced by the same ASG module",
+                    type(mod).__name__,
+                )
+            holders.setdefault(id(other), other)
+    for mod in model.modules():  # any other nn.Embedding that shares the weight tensor itself
+        if isinstance(mod, nn.Embedding) and _same_tensor(mod.weight, embedding.weight):
+            holders.setdefault(id(mod), mod)
+    return _locations(model, *holders.values())
+
+
+def _locations(model: nn.Module, *modules: nn.Module) -> list[str]:
+    ids = {id(mod) for mod in modules}
+    return [name for name, mod in model.named_modules(remove_duplicate=False) if id(mod) in ids and name]
+
+
+def _distinct_weights(model: nn.Module, locations: list[str]) -> list[torch.Tensor]:
+    weights: dict[int, torch.Tensor] = {}
+    for path in locations:
+        weight = model.get_submodule(path).weight
+        weights.setdefault(weight.data_ptr(), weight)
+    return list(weights.values())
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.shape == b.shape and a.data_ptr() == b.data_ptr() and a.device == b.device)
+
+
+# --- building and placing modules ----------------------------------------------------------------
+
+
+def _fit(weight: torch.Tensor, config: ASGConfig, name: str, progress: bool, **kwargs) -> tuple[ASGEmbedding, float]:
+    fit = pq.fit(weight, config.k, config.m, codebook=config.codebook, niter=config.niter, seed=config.seed,
+                 backend=config.backend, progress=progress, desc=f"k-means {name}")
+    module = ASGEmbedding.from_pq(fit.codebooks, fit.codes, dtype=weight.dtype, device=weight.device, **kwargs)
+    error = pq.relative_error(weight, pq.decode(fit.codebooks, fit.codes))
+    return module, error
+
+
+def _empty_like(entry: dict[str, Any], dense: nn.Module, embed_scale=None) -> ASGEmbedding:
+    weight = dense.weight
+    return ASGEmbedding(entry["num_embeddings"], entry["embedding_dim"], entry["k"], entry["m"],
+                        shared=entry["shared"], padding_idx=entry.get("padding_idx"), embed_scale=embed_scale,
+                        dtype=weight.dtype, device=weight.device)
+
+
+def _table_entry(module: ASGEmbedding, locations: list[str]) -> dict[str, Any]:
+    return {
+        "locations": locations,
+        "num_embeddings": module.num_embeddings,
+        "embedding_dim": module.embedding_dim,
+        "k": module.k,
+        "m": module.m,
+        "shared": module.shared,
+        "padding_idx": module.padding_idx,
+        "codebooks_shape": list(module.codebooks.shape),
+        "code_dtype": str(module.codes.dtype).replace("torch.", ""),
+    }
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, module)
+
+
+def _forget_hf_ties(model: nn.Module, replaced: list[str]) -> None:
+    """Drop transformers' tie declarations that name a replaced table: ASG ties by sharing one module instead."""
+
+    def touches(name: str, paths: list[str]) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in paths)
+
+    for prefix, sub in model.named_modules():
+        local = [p[len(prefix) + 1:] for p in replaced if p.startswith(prefix + ".")] if prefix else replaced
+        for attr in ("_tied_weights_keys", "all_tied_weights_keys"):
+            mapping = getattr(sub, attr, None)
+            if isinstance(mapping, dict):
+                kept = {t: s for t, s in mapping.items() if not (touches(t, local) or touches(s, local))}
+                if kept != mapping:
+                    setattr(sub, attr, kept)
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()

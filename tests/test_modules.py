@@ -1,0 +1,88 @@
+"""ASGEmbedding and ASGHead on their own: lookups, ConceptIDs, dtypes, and what training may change."""
+
+import numpy as np
+import pytest
+import torch
+
+import asg
+from asg import pq
+from tiny_models import build, sample_inputs
+
+
+def module(k=8, m=4, vocab=50, dim=16, codebook="separate", seed=0):
+    x = np.random.default_rng(seed).standard_normal((vocab, dim)).astype(np.float32)
+    fit = pq.fit(x, k=k, m=m, codebook=codebook)
+    return asg.ASGEmbedding.from_pq(fit.codebooks, fit.codes), fit
+
+
+@pytest.mark.parametrize("codebook", ["separate", "shared"])
+def test_forward_is_the_concatenation_of_concept_vectors(codebook):
+    emb, fit = module(codebook=codebook)
+    ids = torch.tensor([[0, 7, 49], [3, 3, 1]])
+    want = torch.from_numpy(pq.decode(fit.codebooks, fit.codes))[ids]
+    assert torch.equal(emb(ids), want)
+    assert torch.equal(emb.weight, torch.from_numpy(pq.decode(fit.codebooks, fit.codes)))
+
+
+def test_concept_ids_are_the_papers_row_indices():
+    emb, fit = module(k=8, m=4)
+    ids = emb.concept_ids()
+    assert ids.dtype == torch.long and ids.shape == (50, 4)
+    assert torch.equal(ids, torch.from_numpy(fit.codes.astype(np.int64)) + torch.arange(4) * 8)  # i·k + s_i
+    assert emb.codebooks.shape == (4 * 8, 4)  # (m·k, D/m)
+    shared, fit_shared = module(k=8, m=4, codebook="shared")
+    assert shared.codebooks.shape == (8, 4)
+    assert torch.equal(shared.concept_ids(), torch.from_numpy(fit_shared.codes.astype(np.int64)))
+
+
+@pytest.mark.parametrize("k, dtype", [(256, torch.uint8), (257, torch.int16), (40000, torch.uint16)])
+def test_codes_use_the_smallest_integer_type(k, dtype):
+    emb = asg.ASGEmbedding(100, 8, k=k, m=2)
+    assert emb.codes.dtype == dtype
+    assert not emb.codes.requires_grad
+    assert [name for name, _ in emb.named_parameters()] == ["codebooks"]
+
+
+def test_output_follows_the_codebooks_dtype():
+    emb, _ = module()
+    emb.to(torch.bfloat16)
+    assert emb(torch.tensor([1, 2])).dtype == torch.bfloat16
+    assert emb.codes.dtype == torch.uint8  # buffers of integer type are not cast
+
+
+def test_gradients_reach_only_the_codebooks_rows_in_use():
+    emb, _ = module(k=8, m=4)
+    ids = torch.tensor([5])
+    emb(ids).sum().backward()
+    touched = (emb.codebooks.grad.abs().sum(1) > 0).nonzero().flatten()
+    assert torch.equal(touched, emb.concept_ids()[5].sort().values)
+
+
+def test_a_training_step_changes_codebooks_and_never_codes():
+    model = build("bert")
+    asg.compress(model, asg.ASGConfig(k=16, m=8), progress=False)
+    model.train()
+    emb = model.get_input_embeddings()
+    codes, codebooks = emb.codes.clone(), emb.codebooks.detach().clone()
+    others = {n: p.detach().clone() for n, p in model.named_parameters() if "word_embeddings" not in n}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    inputs = sample_inputs("bert")
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        optimizer.step()
+    assert not torch.equal(emb.codebooks, codebooks)
+    assert torch.equal(emb.codes, codes)
+    assert any(not torch.equal(p, others[n]) for n, p in model.named_parameters() if n in others)
+
+
+def test_head_lookup_logits_are_eq2_for_any_leading_shape():
+    emb, fit = module(k=8, m=4)
+    head = asg.ASGHead(emb, torch.nn.Parameter(torch.arange(50, dtype=torch.float32)))
+    hidden = torch.randn(2, 3, 5, 16)
+    table = torch.from_numpy(pq.decode(fit.codebooks, fit.codes))
+    want = hidden @ table.T + head.bias
+    with torch.no_grad():
+        assert head(hidden).shape == (2, 3, 5, 50)
+        torch.testing.assert_close(head(hidden), want)
+        torch.testing.assert_close(head.lookup_logits(hidden), want, rtol=1e-5, atol=1e-5)
