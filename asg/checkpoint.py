@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .loading import architecture_class
 from .surgery import FORMAT_VERSION, is_compressed, rebuild
 
 WEIGHTS_NAME = "model.safetensors"
@@ -35,7 +36,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, tokenizer=None
     if not plan or not is_compressed(model):
         raise ValueError("this model is not ASG-compressed; call asg.compress(model, asg.ASGConfig(...)) first")
     path = Path(path)
-    _check_replaceable(path)
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
@@ -120,7 +121,8 @@ def read_plan(path: str | os.PathLike) -> dict[str, Any]:
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def _check_replaceable(path: Path) -> None:
+def check_replaceable(path: Path) -> None:
+    """ValueError unless `path` is free, an empty folder, or an ASG checkpoint that may be replaced."""
     if not path.exists():
         return
     if not path.is_dir():
@@ -209,12 +211,9 @@ def _is_parameter(model: nn.Module, name: str) -> bool:
 
 
 def _architecture_class(config, path: Path):
-    import transformers
-
-    for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
+    cls = architecture_class(config)
+    if cls is not None:
+        return cls
     raise ValueError(f"{path}: config.json names no architecture known to transformers "
                      f"({getattr(config, 'architectures', None)}); pass model_class=, e.g. transformers.AutoModel")
 

@@ -79,16 +79,8 @@ def compress(model: nn.Module, config: ASGConfig, *, progress: bool = True) -> C
 
     replaced_paths = [p for entry in tables.values() for p in entry["locations"]]
     _forget_hf_ties(model, replaced_paths)
-    model.config.asg = {
-        "format_version": FORMAT_VERSION,
-        "asg_version": __version__,
-        "method": "asg",
-        "config": config.to_dict(),
-        "tie_word_embeddings": getattr(model.config, "tie_word_embeddings", None),
-        "tables": tables,
-    }
     modules = asg_modules(model)
-    return CompressionReport(
+    report = CompressionReport(
         method="asg",
         settings={"k": config.k, "m": config.m, "codebook": config.codebook},
         embedding_params_before=replaced_dense,
@@ -100,6 +92,17 @@ def compress(model: nn.Module, config: ASGConfig, *, progress: bool = True) -> C
         reconstruction_error=errors,
         tables=tables,
     )
+    model.config.asg = {
+        "format_version": FORMAT_VERSION,
+        "asg_version": __version__,
+        "method": "asg",
+        "config": config.to_dict(),
+        "source_model": str(getattr(model, "name_or_path", "") or "") or None,
+        "tie_word_embeddings": getattr(model.config, "tie_word_embeddings", None),
+        "tables": tables,
+        "report": {key: value for key, value in report.to_dict().items() if key not in ("tables", "settings", "method")},
+    }
+    return report
 
 
 def rebuild(model: nn.Module, plan: dict[str, Any]) -> None:

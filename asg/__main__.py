@@ -1,0 +1,5 @@
+"""`python -m asg` is the `asg` command."""
+
+from .cli import main
+
+main()

