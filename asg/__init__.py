@@ -8,7 +8,7 @@
 
 __version__ = "0.1.0"
 
-from . import pq
+from . import baselines, pq
 from .checkpoint import from_pretrained, read_plan, save_pretrained
 from .config import ASGConfig
 from .modules import ASGEmbedding, ASGHead
@@ -21,6 +21,7 @@ __all__ = [
     "ASGHead",
     "CompressionReport",
     "asg_modules",
+    "baselines",
     "compress",
     "from_pretrained",
     "is_compressed",

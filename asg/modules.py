@@ -1,6 +1,13 @@
-"""Torch modules that stand in for a dense token table: `ASGEmbedding` (input) and `ASGHead` (output logits)."""
+"""Torch modules that stand in for a dense token table: `ASGEmbedding` (input) and `ASGHead` (output logits).
+
+`CompressedEmbedding` is what every compressed table shares (ASG here, the baselines in
+`asg.baselines`): a lookup of the rows asked for, the reconstructed `weight`, the scale some
+architectures apply after the lookup, and a `spec` from which an empty twin can be rebuilt on load.
+"""
 
 from __future__ import annotations
+
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -9,23 +16,100 @@ from torch import nn
 
 from .pq import code_dtype
 
-_TORCH_CODE_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int16): torch.int16,
-                      np.dtype(np.uint16): torch.uint16, np.dtype(np.int32): torch.int32}
+_TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int16): torch.int16,
+                 np.dtype(np.uint16): torch.uint16, np.dtype(np.int32): torch.int32}
 
 
-def torch_code_dtype(k: int) -> torch.dtype:
-    """The torch dtype of a code table for k concept vectors per codebook (uint8 for k <= 256)."""
-    return _TORCH_CODE_DTYPES[code_dtype(k)]
+def index_dtype(n: int) -> torch.dtype:
+    """The smallest torch integer dtype that holds the indices 0..n-1 (uint8 for n <= 256)."""
+    return _TORCH_DTYPES[code_dtype(n)]
 
 
-class ASGEmbedding(nn.Module):
+class CompressedEmbedding(nn.Module):
+    """A (V, D) token table computed from compact state. Subclasses set `kind` and define `lookup` and `weight`.
+
+    Where the replaced embedding scaled its output (Gemma's √D `embed_scale`), the same scale is
+    applied after the lookup; the head, which reads `weight`, is not scaled, as in the original.
+    """
+
+    kind: ClassVar[str] = ""
+    kinds: ClassVar[dict[str, type["CompressedEmbedding"]]] = {}
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.kind:
+            CompressedEmbedding.kinds[cls.kind] = cls
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+                 embed_scale: float | torch.Tensor | None = None, device=None) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.padding_idx = padding_idx  # kept for code that reads it; rows are shared, so it is not masked
+        if embed_scale is not None:
+            self.register_buffer("embed_scale", torch.as_tensor(embed_scale).to(device), persistent=False)
+        else:
+            self.embed_scale = None
+
+    def lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Rows (..., D) of the reconstructed table for ids (...,), computed from only the state they need."""
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The reconstructed (V, D) table (computed, not stored; differentiable)."""
+        raise NotImplementedError
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.lookup(input_ids)
+        if self.embed_scale is not None:
+            out = out * self.embed_scale.to(out.dtype)
+        return out
+
+    def logits(self, hidden: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores (..., V) of hidden states (..., D) against every row of the table, plus `bias`: what a head computes."""
+        return F.linear(hidden, self.weight, bias)
+
+    def spec(self) -> dict[str, Any]:
+        """What `from_spec` needs to build an empty module of the same shape (JSON-ready)."""
+        return {"kind": self.kind, "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
+                "padding_idx": self.padding_idx, "value_count": self.value_count(),
+                "index_bytes": self.index_bytes(), "storage_bytes": self.storage_bytes()}
+
+    @staticmethod
+    def from_spec(spec: dict[str, Any], *, dtype=None, device=None, embed_scale=None) -> "CompressedEmbedding":
+        """An empty module of the kind and shape `spec` records, to load saved state into."""
+        kind = spec.get("kind", "asg")
+        if kind not in CompressedEmbedding.kinds:
+            raise ValueError(f"unknown compressed table kind {kind!r}; known kinds are {sorted(CompressedEmbedding.kinds)}")
+        return CompressedEmbedding.kinds[kind].empty(spec, dtype=dtype, device=device, embed_scale=embed_scale)
+
+    @classmethod
+    def empty(cls, spec: dict[str, Any], *, dtype=None, device=None, embed_scale=None) -> "CompressedEmbedding":
+        raise NotImplementedError
+
+    def value_count(self) -> int:
+        """How many numbers define the table's values (trainable or frozen), index tables excluded."""
+        return sum(p.numel() for p in self.parameters())
+
+    def index_bytes(self) -> int:
+        """Bytes of the fixed token→index tables (ASG codes, SG groups); 0 where there are none."""
+        return 0
+
+    def storage_bytes(self) -> int:
+        """Bytes of everything the module saves."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+
+class ASGEmbedding(CompressedEmbedding):
     """A token embedding built from shared concept vectors (paper eq. 1).
 
     Token t is the concatenation of m concept vectors, row `concept_ids()[t, i]` of `codebooks` for
     segment i. `codebooks` is the trainable E': (m·k, D/m) for separate codebooks, (k, D/m) shared.
-    `codes` (V, m) is a fixed buffer, never trained. Where the replaced embedding scaled its output
-    (Gemma's √D `embed_scale`), the same scale is applied after the lookup.
+    `codes` (V, m) is a fixed buffer in the smallest integer type that holds k, never trained.
     """
+
+    kind = "asg"
 
     def __init__(
         self,
@@ -39,24 +123,17 @@ class ASGEmbedding(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(num_embeddings, embedding_dim, padding_idx, embed_scale, device)
         if embedding_dim % m:
             raise ValueError(f"m={m} does not divide embedding_dim={embedding_dim}")
-        self.num_embeddings = num_embeddings
-        self.embedding_dim = embedding_dim
         self.k = k
         self.m = m
         self.shared = shared
-        self.padding_idx = padding_idx  # kept for code that reads it; concept vectors are shared, so it is not masked
         rows = k if shared else m * k
         self.codebooks = nn.Parameter(torch.zeros(rows, embedding_dim // m, dtype=dtype, device=device))
-        self.register_buffer("codes", torch.zeros(num_embeddings, m, dtype=torch_code_dtype(k), device=device))
+        self.register_buffer("codes", torch.zeros(num_embeddings, m, dtype=index_dtype(k), device=device))
         offsets = torch.zeros(m, dtype=torch.long) if shared else torch.arange(m) * k
         self.register_buffer("segment_offsets", offsets.to(device), persistent=False)
-        if embed_scale is not None:
-            self.register_buffer("embed_scale", torch.as_tensor(embed_scale).to(device), persistent=False)
-        else:
-            self.embed_scale = None
 
     @classmethod
     def from_pq(cls, codebooks, codes, *, dtype=None, device=None, **kwargs) -> "ASGEmbedding":
@@ -73,6 +150,11 @@ class ASGEmbedding(nn.Module):
             module.codes.copy_(codes.to(module.codes.dtype))
         return module
 
+    @classmethod
+    def empty(cls, spec, *, dtype=None, device=None, embed_scale=None) -> "ASGEmbedding":
+        return cls(spec["num_embeddings"], spec["embedding_dim"], spec["k"], spec["m"], shared=spec["shared"],
+                   padding_idx=spec.get("padding_idx"), embed_scale=embed_scale, dtype=dtype, device=device)
+
     @property
     def segment_dim(self) -> int:
         """D/m, the width of one concept vector."""
@@ -84,16 +166,31 @@ class ASGEmbedding(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The reconstructed (V, D) table, computed from the codebooks (not stored, differentiable)."""
         return F.embedding(self.concept_ids(), self.codebooks).reshape(self.num_embeddings, self.embedding_dim)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Concatenated concept vectors of each token: (...,) ids -> (..., D), in the codebooks' dtype."""
+    def lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = self.codes[input_ids].long() + self.segment_offsets
-        out = F.embedding(ids, self.codebooks).flatten(-2)
-        if self.embed_scale is not None:
-            out = out * self.embed_scale.to(out.dtype)
-        return out
+        return F.embedding(ids, self.codebooks).flatten(-2)
+
+    def lookup_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Eq. 2 literally: score each segment of hidden against its codebook, then sum the m scores each token picks."""
+        lead = hidden.shape[:-1]
+        h = hidden.reshape(-1, self.m, self.segment_dim)
+        if self.shared:
+            tables = torch.einsum("nsd,kd->nsk", h, self.codebooks)
+        else:
+            tables = torch.einsum("nsd,skd->nsk", h, self.codebooks.view(self.m, self.k, self.segment_dim))
+        rows = self.codes.long() + torch.arange(self.m, device=h.device) * self.k  # (V, m) into the (m·k) scores
+        logits = tables.reshape(h.shape[0], -1)[:, rows].sum(-1)
+        return logits.reshape(*lead, self.num_embeddings)
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "k": self.k, "m": self.m, "shared": self.shared,
+                "codebooks_shape": list(self.codebooks.shape),
+                "code_dtype": str(self.codes.dtype).replace("torch.", "")}
+
+    def index_bytes(self) -> int:
+        return self.codes.numel() * self.codes.element_size()
 
     def extra_repr(self) -> str:
         kind = "shared" if self.shared else "separate"
@@ -101,13 +198,14 @@ class ASGEmbedding(nn.Module):
 
 
 class ASGHead(nn.Module):
-    """Output logits from concept vectors (paper eq. 2): l_t = Σ_i H_i · u_{t,i}, plus the original bias.
+    """Output logits from a compressed table, plus the original head's bias.
 
-    `embedding` holds the output codebooks OE'. For a head tied to the input table it is the very
-    `ASGEmbedding` of the input side (one module, stored once); an untied head has its own.
+    With an `ASGEmbedding` this is the paper's eq. 2, l_t = Σ_i H_i · u_{t,i}. For a head tied to the
+    input table, `embedding` is the very module of the input side (one module, stored once); an
+    untied head has its own (the paper's OE').
     """
 
-    def __init__(self, embedding: ASGEmbedding, bias: nn.Parameter | None = None) -> None:
+    def __init__(self, embedding: CompressedEmbedding, bias: nn.Parameter | None = None) -> None:
         super().__init__()
         self.embedding = embedding
         self.bias = bias
@@ -121,23 +219,12 @@ class ASGHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits (..., V) for hidden states (..., D)."""
-        return F.linear(hidden, self.weight, self.bias)
+        return self.embedding.logits(hidden, self.bias)
 
     def lookup_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Eq. 2 literally: score each segment against its codebook, then sum the m scores each token picks."""
-        emb = self.embedding
-        lead = hidden.shape[:-1]
-        h = hidden.reshape(-1, emb.m, emb.segment_dim)
-        if emb.shared:
-            tables = torch.einsum("nsd,kd->nsk", h, emb.codebooks)
-        else:
-            tables = torch.einsum("nsd,skd->nsk", h, emb.codebooks.view(emb.m, emb.k, emb.segment_dim))
-        tables = tables.reshape(h.shape[0], -1)
-        rows = emb.codes.long() + torch.arange(emb.m, device=h.device) * emb.k  # (V, m) into (m·k)
-        logits = tables[:, rows].sum(-1)
-        if self.bias is not None:
-            logits = logits + self.bias
-        return logits.reshape(*lead, emb.num_embeddings)
+        """Eq. 2 computed segment by segment (ASG tables only); equal to `forward` up to rounding."""
+        logits = self.embedding.lookup_logits(hidden)
+        return logits if self.bias is None else logits + self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -10,8 +10,9 @@ from typing import Any
 class CompressionReport:
     """Parameter and byte accounting of one compression, plus the reconstruction error of each replaced table.
 
-    `embedding_params_*` count the replaced tables' weights (a tied head counts once);
-    `code_bytes` is the size of the fixed token→concept tables (appendix C), which are not parameters.
+    `embedding_params_*` count the numbers that define the replaced tables (a tied head counts once);
+    `code_bytes` is the size of the fixed token→concept tables (appendix C), which are not parameters;
+    `dense_bytes` and `embedding_bytes_after` are everything the tables take before and after.
     """
 
     method: str
@@ -22,6 +23,7 @@ class CompressionReport:
     model_params_after: int
     code_bytes: int
     dense_bytes: int
+    embedding_bytes_after: int
     reconstruction_error: dict[str, float] = field(default_factory=dict)
     tables: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -36,6 +38,11 @@ class CompressionReport:
         return self.model_params_after / self.model_params_before
 
     @property
+    def bytes_ratio(self) -> float:
+        """Bytes of the replacement tables (values and codes) / bytes of the dense tables."""
+        return self.embedding_bytes_after / self.dense_bytes
+
+    @property
     def code_overhead(self) -> float:
         """Bytes of the code tables relative to the bytes of the dense tables they replace."""
         return self.code_bytes / self.dense_bytes
@@ -43,7 +50,8 @@ class CompressionReport:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict, with the derived ratios included."""
         out = asdict(self)
-        out.update(embedding_ratio=self.embedding_ratio, model_ratio=self.model_ratio, code_overhead=self.code_overhead)
+        out.update(embedding_ratio=self.embedding_ratio, model_ratio=self.model_ratio, bytes_ratio=self.bytes_ratio,
+                   code_overhead=self.code_overhead)
         return out
 
     def __str__(self) -> str:
@@ -51,6 +59,7 @@ class CompressionReport:
         rows = [
             ("embedding parameters", self.embedding_params_before, self.embedding_params_after, self.embedding_ratio),
             ("model parameters", self.model_params_before, self.model_params_after, self.model_ratio),
+            ("embedding bytes", self.dense_bytes, self.embedding_bytes_after, self.bytes_ratio),
         ]
         lines = [f"{self.method.upper()} compression ({label})",
                  f"  {'':24}{'before':>14}{'after':>14}{'ratio':>10}"]

@@ -10,14 +10,14 @@ What was replaced, and where, is recorded in `model.config.asg` so that a checkp
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from . import pq
 from .config import ASGConfig
-from .modules import ASGEmbedding, ASGHead
+from .modules import ASGEmbedding, ASGHead, CompressedEmbedding
 from .report import CompressionReport
 
 logger = logging.getLogger(__name__)
@@ -26,21 +26,25 @@ FORMAT_VERSION = 1
 INPUT, OUTPUT = "input", "output"
 
 
-def compress(model: nn.Module, config: ASGConfig, *, progress: bool = True) -> CompressionReport:
-    """Replace the model's input embedding (and output head, if targeted) by ASG modules, in place."""
+def compress(model: nn.Module, config, *, progress: bool = True) -> CompressionReport:
+    """Replace the model's input embedding (and output head, if targeted) by compressed tables, in place.
+
+    `config` is an `ASGConfig`, or the config of a baseline (`asg.baselines`): the method follows from it.
+    """
     from . import __version__
 
-    if not isinstance(config, ASGConfig):
-        raise ValueError(f"config must be an asg.ASGConfig, got {type(config).__name__}")
+    fitter = _FITTERS.get(type(config))
+    if fitter is None:
+        known = ", ".join(sorted(cls.__name__ for cls in _FITTERS))
+        raise ValueError(f"config must be an asg.ASGConfig or a baseline config ({known}), got {type(config).__name__}")
     if is_compressed(model):
-        raise ValueError("this model is already ASG-compressed; load the original model to compress it again")
+        raise ValueError("this model is already compressed; load the original model to compress it again")
     embedding = _input_embedding(model)
     head = _output_embedding(model)
     if INPUT not in config.targets and head is None:
         raise ValueError(f"{type(model).__name__} has no output embedding (LM head) to compress; use targets=('input',)")
-    vocab, dim = embedding.weight.shape
     if INPUT in config.targets:
-        config.validate_for(vocab, dim, "input embedding")
+        config.validate_for(*embedding.weight.shape, "input embedding")
     if head is not None and OUTPUT in config.targets:
         config.validate_for(*head.weight.shape, "output head")
 
@@ -48,54 +52,51 @@ def compress(model: nn.Module, config: ASGConfig, *, progress: bool = True) -> C
     tied = head is not None and _same_tensor(head.weight, embedding.weight)
     tables: dict[str, dict[str, Any]] = {}
     errors: dict[str, float] = {}
-    dense_bytes = 0
-    replaced_dense = 0
-    asg_input = None
+    dense: dict[int, torch.Tensor] = {}  # the replaced dense weights, each once
+    new_input = None
     with torch.no_grad():
         if INPUT in config.targets:
             locations = _input_locations(model, embedding)
-            asg_input, errors[INPUT] = _fit(embedding.weight, config, INPUT, progress,
-                                            padding_idx=embedding.padding_idx,
-                                            embed_scale=getattr(embedding, "embed_scale", None))
-            for weight in _distinct_weights(model, locations):
-                dense_bytes += _nbytes(weight)
-                replaced_dense += weight.numel()
-            tables[INPUT] = _table_entry(asg_input, locations)
+            new_input, errors[INPUT] = fitter(config, embedding.weight, INPUT, progress,
+                                              padding_idx=embedding.padding_idx,
+                                              embed_scale=getattr(embedding, "embed_scale", None))
             for path in locations:
-                _set_submodule(model, path, asg_input)
+                weight = model.get_submodule(path).weight
+                dense.setdefault(weight.data_ptr(), weight)
+                _set_submodule(model, path, new_input)
+            tables[INPUT] = {"locations": locations, **new_input.spec(), "dense_element_size": embedding.weight.element_size()}
         if head is not None and OUTPUT in config.targets:
             locations = _locations(model, head)
-            if tied and asg_input is not None:
-                asg_output = asg_input
+            if tied and new_input is not None:
+                table = new_input
             else:
-                asg_output, errors[OUTPUT] = _fit(head.weight, config, OUTPUT, progress)
-                dense_bytes += _nbytes(head.weight)
-                replaced_dense += head.weight.numel()
-            tables[OUTPUT] = _table_entry(asg_output, locations)
-            tables[OUTPUT].update(tied=asg_output is asg_input, bias=head.bias is not None)
-            new_head = ASGHead(asg_output, head.bias)
+                table, errors[OUTPUT] = fitter(config, head.weight, OUTPUT, progress)
+                dense.setdefault(head.weight.data_ptr(), head.weight)
+            tables[OUTPUT] = {"locations": locations, **table.spec(), "tied": table is new_input,
+                              "bias": head.bias is not None, "dense_element_size": head.weight.element_size()}
+            new_head = ASGHead(table, head.bias)
             for path in locations:
                 _set_submodule(model, path, new_head)
 
-    replaced_paths = [p for entry in tables.values() for p in entry["locations"]]
-    _forget_hf_ties(model, replaced_paths)
-    modules = asg_modules(model)
+    _forget_hf_ties(model, [p for entry in tables.values() for p in entry["locations"]])
+    modules = compressed_tables(model)
     report = CompressionReport(
-        method="asg",
-        settings={"k": config.k, "m": config.m, "codebook": config.codebook},
-        embedding_params_before=replaced_dense,
-        embedding_params_after=sum(mod.codebooks.numel() for mod in modules),
+        method=config.method,
+        settings=config.settings(),
+        embedding_params_before=sum(w.numel() for w in dense.values()),
+        embedding_params_after=sum(mod.value_count() for mod in modules),
         model_params_before=params_before,
         model_params_after=count_parameters(model),
-        code_bytes=sum(_nbytes(mod.codes) for mod in modules),
-        dense_bytes=dense_bytes,
+        code_bytes=sum(mod.index_bytes() for mod in modules),
+        dense_bytes=sum(_nbytes(w) for w in dense.values()),
+        embedding_bytes_after=sum(mod.storage_bytes() for mod in modules),
         reconstruction_error=errors,
         tables=tables,
     )
     model.config.asg = {
         "format_version": FORMAT_VERSION,
         "asg_version": __version__,
-        "method": "asg",
+        "method": config.method,
         "config": config.to_dict(),
         "source_model": str(getattr(model, "name_or_path", "") or "") or None,
         "tie_word_embeddings": getattr(model.config, "tie_word_embeddings", None),
@@ -105,22 +106,37 @@ def compress(model: nn.Module, config: ASGConfig, *, progress: bool = True) -> C
     return report
 
 
+def register_method(config_class: type, fitter: Callable, names: tuple[str, ...]) -> None:
+    """Make `compress` accept `config_class`, whose methods are called `names`: `fitter(config, weight, name,
+    progress, **kw)` returns (a `CompressedEmbedding` for the (V, D) `weight`, its relative reconstruction error)."""
+    _FITTERS[config_class] = fitter
+    for name in names:
+        _METHODS[name] = config_class
+
+
+def method_config(plan: dict[str, Any]):
+    """The config object a checkpoint's `asg` section records."""
+    method = plan.get("method", "asg")
+    if method not in _METHODS:
+        raise ValueError(f"unknown compression method {method!r}; known methods are {sorted(_METHODS)}")
+    return _METHODS[method].from_dict(plan["config"])
+
+
 def rebuild(model: nn.Module, plan: dict[str, Any]) -> None:
-    """Put empty ASG modules of the recorded shapes where `plan` (a `config.asg` section) says they go."""
+    """Put empty compressed tables of the recorded kinds and shapes where `plan` (a `config.asg` section) says."""
     tables = plan["tables"]
-    asg_input = None
+    new_input = None
     if INPUT in tables:
         entry = tables[INPUT]
         dense = model.get_submodule(entry["locations"][0])
-        asg_input = _empty_like(entry, dense, embed_scale=getattr(dense, "embed_scale", None))
+        new_input = _empty_like(entry, dense, embed_scale=getattr(dense, "embed_scale", None))
         for path in entry["locations"]:
-            _set_submodule(model, path, asg_input)
+            _set_submodule(model, path, new_input)
     if OUTPUT in tables:
         entry = tables[OUTPUT]
         dense = model.get_submodule(entry["locations"][0])
-        embedding = asg_input if entry["tied"] else _empty_like(entry, dense)
-        bias = dense.bias if entry["bias"] else None
-        new_head = ASGHead(embedding, bias)
+        table = new_input if entry["tied"] else _empty_like(entry, dense)
+        new_head = ASGHead(table, dense.bias if entry["bias"] else None)
         for path in entry["locations"]:
             _set_submodule(model, path, new_head)
     _forget_hf_ties(model, [p for entry in tables.values() for p in entry["locations"]])
@@ -128,17 +144,18 @@ def rebuild(model: nn.Module, plan: dict[str, Any]) -> None:
 
 
 def is_compressed(model: nn.Module) -> bool:
-    """True when the model holds at least one ASG module."""
-    return any(isinstance(mod, (ASGEmbedding, ASGHead)) for mod in model.modules())
+    """True when the model holds at least one compressed table or head."""
+    return any(isinstance(mod, (CompressedEmbedding, ASGHead)) for mod in model.modules())
+
+
+def compressed_tables(model: nn.Module) -> list[CompressedEmbedding]:
+    """The distinct compressed tables of a model (a tied head's is the input's, listed once)."""
+    return list({id(mod): mod for mod in model.modules() if isinstance(mod, CompressedEmbedding)}.values())
 
 
 def asg_modules(model: nn.Module) -> list[ASGEmbedding]:
     """The distinct `ASGEmbedding` modules of a model (a tied head's is the input's, listed once)."""
-    seen: dict[int, ASGEmbedding] = {}
-    for mod in model.modules():
-        if isinstance(mod, ASGEmbedding):
-            seen.setdefault(id(mod), mod)
-    return list(seen.values())
+    return [mod for mod in compressed_tables(model) if isinstance(mod, ASGEmbedding)]
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -155,8 +172,8 @@ def _input_embedding(model: nn.Module) -> nn.Embedding:
     except (AttributeError, NotImplementedError):
         raise ValueError(f"{type(model).__name__} does not expose get_input_embeddings(); asg.compress needs a "
                          "Hugging Face transformers model with a token embedding") from None
-    if isinstance(embedding, (ASGEmbedding, ASGHead)):
-        raise ValueError("this model is already ASG-compressed; load the original model to compress it again")
+    if isinstance(embedding, (CompressedEmbedding, ASGHead)):
+        raise ValueError("this model is already compressed; load the original model to compress it again")
     if not isinstance(embedding, nn.Embedding):
         raise ValueError(f"the input embedding of {type(model).__name__} is a {type(embedding).__name__}, "
                          "not an nn.Embedding token table; ASG compresses token tables only")
@@ -205,14 +222,6 @@ def _locations(model: nn.Module, *modules: nn.Module) -> list[str]:
     return [name for name, mod in model.named_modules(remove_duplicate=False) if id(mod) in ids and name]
 
 
-def _distinct_weights(model: nn.Module, locations: list[str]) -> list[torch.Tensor]:
-    weights: dict[int, torch.Tensor] = {}
-    for path in locations:
-        weight = model.get_submodule(path).weight
-        weights.setdefault(weight.data_ptr(), weight)
-    return list(weights.values())
-
-
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a is b or (a.shape == b.shape and a.data_ptr() == b.data_ptr() and a.device == b.device)
 
@@ -220,7 +229,7 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
 # --- building and placing modules ----------------------------------------------------------------
 
 
-def _fit(weight: torch.Tensor, config: ASGConfig, name: str, progress: bool, **kwargs) -> tuple[ASGEmbedding, float]:
+def _fit_asg(config: ASGConfig, weight: torch.Tensor, name: str, progress: bool, **kwargs) -> tuple[ASGEmbedding, float]:
     fit = pq.fit(weight, config.k, config.m, codebook=config.codebook, niter=config.niter, seed=config.seed,
                  backend=config.backend, progress=progress, desc=f"k-means {name}")
     module = ASGEmbedding.from_pq(fit.codebooks, fit.codes, dtype=weight.dtype, device=weight.device, **kwargs)
@@ -228,25 +237,13 @@ def _fit(weight: torch.Tensor, config: ASGConfig, name: str, progress: bool, **k
     return module, error
 
 
-def _empty_like(entry: dict[str, Any], dense: nn.Module, embed_scale=None) -> ASGEmbedding:
-    weight = dense.weight
-    return ASGEmbedding(entry["num_embeddings"], entry["embedding_dim"], entry["k"], entry["m"],
-                        shared=entry["shared"], padding_idx=entry.get("padding_idx"), embed_scale=embed_scale,
-                        dtype=weight.dtype, device=weight.device)
+_FITTERS: dict[type, Callable] = {ASGConfig: _fit_asg}
+_METHODS: dict[str, type] = {"asg": ASGConfig}
 
 
-def _table_entry(module: ASGEmbedding, locations: list[str]) -> dict[str, Any]:
-    return {
-        "locations": locations,
-        "num_embeddings": module.num_embeddings,
-        "embedding_dim": module.embedding_dim,
-        "k": module.k,
-        "m": module.m,
-        "shared": module.shared,
-        "padding_idx": module.padding_idx,
-        "codebooks_shape": list(module.codebooks.shape),
-        "code_dtype": str(module.codes.dtype).replace("torch.", ""),
-    }
+def _empty_like(entry: dict[str, Any], dense: nn.Module, embed_scale=None) -> CompressedEmbedding:
+    return CompressedEmbedding.from_spec(entry, dtype=dense.weight.dtype, device=dense.weight.device,
+                                         embed_scale=embed_scale)
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import asg
+import tiny_models
 from asg import pq
 from tiny_models import (ARCHITECTURES, GENERATIVE, HIDDEN, TIED, VOCAB, build, make_bert_classifier,
                          make_untied_t5_from_config, outputs,
@@ -27,14 +28,7 @@ def decoded(module: asg.ASGEmbedding) -> torch.Tensor:
 
 def dense_twin(original: nn.Module, compressed: nn.Module) -> nn.Module:
     """The original model with each replaced dense table overwritten by the decoded ASG table."""
-    twin = copy.deepcopy(original)
-    with torch.no_grad():
-        for name, entry in compressed.config.asg["tables"].items():
-            module = compressed.get_submodule(entry["locations"][0])
-            table = decoded(module if name == "input" else module.embedding)
-            for path in entry["locations"]:
-                twin.get_submodule(path).weight.copy_(table)
-    return twin
+    return tiny_models.dense_twin(original, compressed, decoded)
 
 
 @pytest.fixture(params=[(arch, cb) for arch in ARCHITECTURES for cb, _ in SETTINGS], ids=lambda p: f"{p[0]}-{p[1]}")

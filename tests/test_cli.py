@@ -81,17 +81,78 @@ def test_shared_and_targets_options(model_dir, tmp_path):
 def test_info_shows_the_parameter_table(compressed_dir):
     result = run("info", str(compressed_dir))
     assert result.exit_code == 0, result.output
-    assert "k=16 m=8 (separate codebooks)" in result.stdout
-    assert f"{VOCAB * HIDDEN:>14,}{16 * HIDDEN:>12,}" in result.stdout
-    assert "[128, 4]" in result.stdout  # (m·k, D/m)
+    assert "ASG k=16 m=8 (separate codebooks)" in result.stdout
+    row = [line for line in result.stdout.splitlines() if line.strip().startswith("input+head")][0]
+    assert row.split()[-5:] == [f"{VOCAB * HIDDEN:,}", f"{16 * HIDDEN:,}", f"{100 * 512 / (VOCAB * HIDDEN):.2f}%",
+                                f"{512 * 4 + VOCAB * 8:,}", f"{100 * (512 * 4 + VOCAB * 8) / (VOCAB * HIDDEN * 4):.2f}%"]
+    assert "E' (m·k, D/m) = [128, 4]" in result.stdout
     data = json.loads(run("info", str(compressed_dir), "--json").stdout)
     (table,) = data["tables"]
     assert table["embedding_shape"] == [128, 4]
-    assert table["dense_params"] == VOCAB * HIDDEN and table["asg_params"] == 512
+    assert table["dense_params"] == VOCAB * HIDDEN and table["params"] == 512
     assert table["code_bytes"] == VOCAB * 8
     assert table["code_bytes_packed"] == VOCAB * 8 * 4 // 8  # log2(16) = 4 bits a code
     assert table["code_overhead_percent"] == pytest.approx(100 * VOCAB * 8 / (VOCAB * HIDDEN * 4))
     assert table["tied_head"] is True and data["embedding_percent"] == pytest.approx(100 * 512 / (VOCAB * HIDDEN))
+
+
+@pytest.mark.parametrize("method, budget, settings, params", [
+    ("sg", None, {"ratio": round(0.4 * VOCAB) / VOCAB}, round(0.4 * VOCAB) * HIDDEN),
+    ("lowrank", "10%", {"rank": 2}, 2 * (VOCAB + HIDDEN)),
+    ("int4", None, {"bits": 4}, VOCAB * HIDDEN + VOCAB),
+    ("asg", "5%", {"k": 10, "m": 8, "codebook": "separate"}, 10 * HIDDEN),
+])
+def test_compress_with_a_method_and_budget(model_dir, tmp_path, method, budget, settings, params):
+    out = tmp_path / method
+    args = ["compress", str(model_dir), "--method", method, "-o", str(out)] + (["--budget", budget] if budget else [])
+    result = run(*(args + (["--m", "8"] if method == "asg" else [])))
+    assert result.exit_code == 0, result.output
+    data = json.loads(run("info", str(out), "--json").stdout)
+    assert data["method"] == method and data["settings"] == settings
+    assert data["tables"][0]["params"] == params
+    model = asg.from_pretrained(out)
+    assert model.get_output_embeddings().embedding is model.get_input_embeddings()
+    if method != "asg":
+        assert_user_error(run("inspect", str(out), "--token", "father"), "inspect reads ASG checkpoints")
+
+
+def test_compare_writes_a_table_json_and_plot(model_dir, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("father mother son\nking queen house river\n\ngrand daughter\n")
+    out = tmp_path / "cmp"
+    result = run("compare", str(model_dir), "--budget", "10%", "--m", "8", "--text", str(texts), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert [row["method"] for row in rows] == ["asg", "sg", "lowrank", "int8", "int4"]
+    assert all(row["texts"] == 3 and -1 <= row["mean_cosine"] <= 1 for row in rows)
+    assert rows[0]["settings"] == f"k={VOCAB // 10}, m=8"
+    assert rows[3]["mean_cosine"] > 0.99  # int8 barely changes a table
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| asg | k=21, m=8 |" in (out / "compare.md").read_text()
+    assert "| asg | k=21, m=8 |" in result.stdout
+
+
+def test_compare_reports_a_method_that_cannot_meet_the_budget(model_dir, tmp_path):
+    result = run("compare", str(model_dir), "--budget", "1%", "--budget-by", "bytes", "--methods", "asg,lowrank",
+                 "--m", "8", "-o", str(tmp_path / "cmp"))
+    assert result.exit_code == 0, result.output
+    assert "| asg | does not fit: budget 1.0000% is too small for ASG with m=8" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "2"], "budget '2' is ambiguous; write 2% for a percentage"),
+    (["--budget", "0%"], "must be between 0% and 100%"),
+    (["--budget", "lots"], "is not a number"),
+    (["--methods", "asg,pca"], "unknown method(s) ['pca']"),
+    (["--text", "/nonexistent.txt"], "does not exist"),
+])
+def test_compare_bad_input(model_dir, tmp_path, args, message):
+    assert_user_error(run("compare", str(model_dir), *args, "-o", str(tmp_path / "cmp")), message)
+
+
+def test_compare_on_an_empty_text_file(model_dir, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    assert_user_error(run("compare", str(model_dir), "--text", str(tmp_path / "empty.txt")), "holds no text")
 
 
 def test_inspect_lists_the_tokens_sharing_each_concept(compressed_dir):
@@ -142,6 +203,9 @@ def test_compress_bad_input(model_dir, compressed_dir, tmp_path):
     assert_user_error(run("compress", str(model_dir), "--k", "16", "--m", "8", "-o", str(compressed_dir)),
                       "already exists; choose another folder or pass --overwrite")
     assert_user_error(run("compress", str(compressed_dir), "-o", out), "already ASG-compressed")
+    assert_user_error(run("compress", str(model_dir), "--method", "pca", "-o", out), "unknown --method 'pca'")
+    assert_user_error(run("compress", str(model_dir), "--method", "lowrank", "--budget", "0.01%", "-o", out),
+                      "not even rank 1 fits")
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "a.txt").write_text("keep")
@@ -171,7 +235,8 @@ def test_an_interrupted_write_leaves_no_output(model_dir, tmp_path, monkeypatch)
 
 def test_version_and_help():
     assert run("--version").stdout.strip() == f"asg {asg.__version__}"
-    for command, option in [("compress", "--shared"), ("info", "--json"), ("inspect", "--segments")]:
+    for command, option in [("compress", "--shared"), ("info", "--json"), ("inspect", "--segments"),
+                            ("compare", "--budget-by")]:
         result = run(command, "--help")
         assert result.exit_code == 0 and option in result.stdout
     assert "compress" in run("--help").stdout

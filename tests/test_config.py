@@ -54,7 +54,7 @@ def test_output_only_on_a_model_without_head():
 
 
 def test_not_a_config():
-    with pytest.raises(ValueError, match="must be an asg.ASGConfig"):
+    with pytest.raises(ValueError, match="must be an asg.ASGConfig or a baseline config"):
         asg.compress(build("bert"), {"k": 16, "m": 8})
 
 

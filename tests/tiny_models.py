@@ -113,3 +113,17 @@ def outputs(model, inputs) -> torch.Tensor:
     with torch.no_grad():
         out = model(**inputs)
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def dense_twin(original, compressed, table_of):
+    """The original model with each replaced dense table overwritten by `table_of(compressed table module)`."""
+    import copy
+
+    twin = copy.deepcopy(original)
+    with torch.no_grad():
+        for name, entry in compressed.config.asg["tables"].items():
+            module = compressed.get_submodule(entry["locations"][0])
+            table = table_of(module if name == "input" else module.embedding)
+            for path in entry["locations"]:
+                twin.get_submodule(path).weight.copy_(table)
+    return twin

@@ -1,0 +1,106 @@
+"""Scalar quantization of the embedding rows to int8 or int4 with one scale per row, dequantized on lookup.
+
+What a user gets from generic quantization tools: the same number of values at fewer bits. The
+quantized values are frozen buffers (fine-tuning does not change them); only bytes shrink.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .. import pq
+from ..config import SerializableConfig, validate_targets
+from ..modules import CompressedEmbedding
+
+
+@dataclass
+class ScalarConfig(SerializableConfig):
+    """Symmetric per-row quantization to `bits` (8 or 4) bits."""
+
+    bits: int = 8
+    targets: tuple[str, ...] = ("input", "output")
+
+    def __post_init__(self) -> None:
+        self.targets = validate_targets(self.targets)
+        if self.bits not in (8, 4):
+            raise ValueError(f"bits={self.bits!r}: scalar quantization supports 8 (int8) or 4 (int4) bits")
+
+    @property
+    def method(self) -> str:
+        return f"int{self.bits}"
+
+    def validate_for(self, num_rows: int, dim: int, what: str = "embedding") -> None:
+        """Every table can be quantized."""
+
+    def settings(self) -> dict[str, Any]:
+        return {"bits": self.bits}
+
+
+class QuantizedEmbedding(CompressedEmbedding):
+    """A token table of int8 values (or int4 pairs packed into bytes) times a per-row `scale`."""
+
+    kind = "scalar"
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, padding_idx=None, embed_scale=None,
+                 dtype=None, device=None) -> None:
+        super().__init__(num_embeddings, embedding_dim, padding_idx, embed_scale, device)
+        self.bits = bits
+        width = embedding_dim if bits == 8 else (embedding_dim + 1) // 2
+        store = torch.int8 if bits == 8 else torch.uint8
+        self.register_buffer("values", torch.zeros(num_embeddings, width, dtype=store, device=device))
+        self.register_buffer("scale", torch.zeros(num_embeddings, dtype=dtype or torch.float32, device=device))
+
+    @property
+    def qmax(self) -> int:
+        return 127 if self.bits == 8 else 7
+
+    @classmethod
+    def empty(cls, spec, *, dtype=None, device=None, embed_scale=None) -> "QuantizedEmbedding":
+        return cls(spec["num_embeddings"], spec["embedding_dim"], spec["bits"], spec.get("padding_idx"),
+                   embed_scale, dtype, device)
+
+    def quantize_(self, rows: torch.Tensor) -> None:
+        """Store `rows` (V, D): scale = max|row| / qmax, values = round(row / scale)."""
+        rows = rows.detach().float()
+        scale = rows.abs().amax(1) / self.qmax
+        q = torch.round(rows / scale.clamp_min(1e-30)[:, None]).clamp(-self.qmax, self.qmax).to(torch.int8)
+        if self.bits == 4:
+            q = (F.pad(q, (0, 2 * self.values.shape[1] - q.shape[1])) + 8).to(torch.uint8)  # 1..15: a nibble each
+            q = q[:, 0::2] | (q[:, 1::2] << 4)
+        self.values.copy_(q)
+        self.scale.copy_(scale)
+
+    def _dequantize(self, values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if self.bits == 4:
+            low, high = (values & 0x0F).to(torch.int8) - 8, (values >> 4).to(torch.int8) - 8
+            values = torch.stack((low, high), -1).flatten(-2)[..., : self.embedding_dim]
+        return values.to(scale.dtype) * scale[..., None]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._dequantize(self.values, self.scale)
+
+    def lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._dequantize(self.values[input_ids], self.scale[input_ids])
+
+    def value_count(self) -> int:
+        return self.num_embeddings * self.embedding_dim + self.scale.numel()
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "bits": self.bits}
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}"
+
+
+def fit_scalar(config: ScalarConfig, weight: torch.Tensor, name: str, progress: bool,
+               **kwargs) -> tuple[QuantizedEmbedding, float]:
+    """Quantize every row of `weight` to `config.bits` bits with its own scale."""
+    module = QuantizedEmbedding(*weight.shape, config.bits, dtype=weight.dtype, device=weight.device, **kwargs)
+    with torch.no_grad():
+        module.quantize_(weight)
+    return module, pq.relative_error(weight, module.weight)

@@ -1,0 +1,111 @@
+"""How closely a compressed model reproduces its uncompressed reference on text, with no labels.
+
+Encoders: mean cosine similarity of mean-pooled last hidden states. Generative models (causal LMs,
+encoder–decoders): KL divergence of the next-token distributions, top-1 agreement, and perplexity.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+BUILTIN_SENTENCES = Path(__file__).parent / "data" / "sentences.txt"
+
+
+def read_texts(path: str | os.PathLike | None = None) -> list[str]:
+    """The non-empty lines of a UTF-8 text file; the built-in ordinary English sentences when `path` is None."""
+    path = Path(path) if path is not None else BUILTIN_SENTENCES
+    if not path.exists():
+        raise ValueError(f"text file {path} does not exist")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a text file")
+    try:
+        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err})") from None
+    if not texts:
+        raise ValueError(f"{path} holds no text: give a file with one or more non-empty lines")
+    return texts
+
+
+def is_generative(model) -> bool:
+    """True for models that generate text (causal LMs, encoder–decoders), False for encoders."""
+    return bool(getattr(model, "can_generate", lambda: False)())
+
+
+@torch.no_grad()
+def fidelity(model, reference, tokenizer, texts: list[str], *, batch_size: int = 8, max_length: int = 128,
+             progress: bool = False) -> dict[str, Any]:
+    """Compare `model` with `reference` on `texts`; the metrics depend on whether the reference generates text."""
+    if not texts:
+        raise ValueError("no texts to measure fidelity on")
+    model.eval()
+    reference.eval()
+    if tokenizer.pad_token is None:
+        batch_size = 1  # no padding token: one text at a time, so no padding is needed
+    batches = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
+    generative = is_generative(reference)
+    sums = dict.fromkeys(("kl", "agree", "nll", "ref_nll", "tokens"), 0.0)
+    cosines = []
+    for batch in tqdm(batches, desc="fidelity", unit="batch", disable=not progress):
+        enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        enc = {key: value.to(_device(model)) for key, value in enc.items() if key in ("input_ids", "attention_mask")}
+        if generative:
+            for key, value in _generative_sums(model, reference, enc).items():
+                sums[key] += value
+        else:
+            cosines.append(_pooled_cosines(model, reference, enc))
+    if generative:
+        count = sums["tokens"]
+        if not count:
+            raise ValueError("the texts are too short: next-token fidelity needs texts of at least two tokens")
+        return {"kind": "generative", "kl": sums["kl"] / count, "top1_agreement": sums["agree"] / count,
+                "perplexity": math.exp(sums["nll"] / count), "reference_perplexity": math.exp(sums["ref_nll"] / count),
+                "tokens": int(count), "texts": len(texts)}
+    cosine = torch.cat(cosines)
+    return {"kind": "encoder", "mean_cosine": cosine.mean().item(), "min_cosine": cosine.min().item(),
+            "texts": len(texts)}
+
+
+def _pooled_cosines(model, reference, enc) -> torch.Tensor:
+    """Cosine, text by text, between the two models' mean-pooled last hidden states."""
+    mask = enc["attention_mask"][..., None].float()
+    pooled = [(_last_hidden(m, enc).float() * mask).sum(1) / mask.sum(1) for m in (model, reference)]
+    return F.cosine_similarity(pooled[0], pooled[1], dim=-1)
+
+
+def _last_hidden(model, enc) -> torch.Tensor:
+    out = model(**enc, output_hidden_states=True)
+    hidden = getattr(out, "last_hidden_state", None)
+    return hidden if hidden is not None else out.hidden_states[-1]
+
+
+def _generative_sums(model, reference, enc) -> dict[str, float]:
+    """Sums over the scored positions of KL(reference || model), top-1 agreement and both models' NLL."""
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    if getattr(reference.config, "is_encoder_decoder", False):
+        labels = ids.masked_fill(mask == 0, -100)
+        logits = [m(**enc, labels=labels).logits.float() for m in (model, reference)]
+        valid = mask.bool()
+        targets = ids
+    else:
+        logits = [m(**enc).logits.float()[:, :-1] for m in (model, reference)]
+        valid = (mask[:, 1:] * mask[:, :-1]).bool()
+        targets = ids[:, 1:]
+    log_p, log_q = (torch.log_softmax(x, -1) for x in logits)
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1)  # KL(reference || model) at each position
+    nll = -log_p.gather(-1, targets[..., None])[..., 0]
+    ref_nll = -log_q.gather(-1, targets[..., None])[..., 0]
+    agree = (log_p.argmax(-1) == log_q.argmax(-1)).float()
+    return {"kl": kl[valid].sum().item(), "agree": agree[valid].sum().item(), "tokens": valid.sum().item(),
+            "nll": nll[valid].sum().item(), "ref_nll": ref_nll[valid].sum().item()}
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device

@@ -1,0 +1,171 @@
+"""Baselines in the same harness: exactness, parameter accounting, save/load, and budgets."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import asg
+from asg.baselines import (GroupedEmbedding, LowRankConfig, LowRankEmbedding, QuantizedEmbedding, SGConfig,
+                           ScalarConfig, config_for_budget)
+from tiny_models import HIDDEN, TIED, VOCAB, build, dense_twin, outputs, sample_inputs
+
+CONFIGS = {
+    "sg": lambda: SGConfig(ratio=0.2),
+    "lowrank": lambda: LowRankConfig(rank=4),
+    "int8": lambda: ScalarConfig(bits=8),
+    "int4": lambda: ScalarConfig(bits=4),
+}
+
+
+def independent_table(module) -> torch.Tensor:
+    """The module's (V, D) table, computed by hand from its state rather than through its own code."""
+    if isinstance(module, GroupedEmbedding):
+        return module.vectors.detach()[module.groups.long()]
+    if isinstance(module, LowRankEmbedding):
+        return module.left.detach() @ module.right.detach()
+    if isinstance(module, QuantizedEmbedding):
+        values = module.values.long()
+        if module.bits == 4:
+            values = torch.stack((values % 16, values // 16), -1).flatten(1)[:, : module.embedding_dim] - 8
+        return values.float() * module.scale[:, None]
+    raise TypeError(type(module))
+
+
+def twin_of(original, compressed):
+    return dense_twin(original, compressed, independent_table)
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+@pytest.mark.parametrize("arch", ["bert", "mt5", "gpt2"])
+def test_forward_equals_dense_forward_on_the_reconstructed_table(method, arch):
+    original = build(arch)
+    model = copy.deepcopy(original)
+    report = asg.compress(model, CONFIGS[method](), progress=False)
+    assert report.method == method
+    inputs = sample_inputs(arch)
+    torch.testing.assert_close(outputs(model, inputs), outputs(twin_of(original, model), inputs), rtol=1e-5, atol=1e-5)
+    head = model.get_output_embeddings()
+    assert (head.embedding is model.get_input_embeddings()) == (arch in TIED)
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_parameter_and_byte_accounting(method):
+    model = build("mt5")  # untied: two tables of V x D
+    report = asg.compress(model, CONFIGS[method](), progress=False)
+    groups = round(0.2 * VOCAB)
+    values, index, stored = {
+        "sg": (groups * HIDDEN, VOCAB * 1, groups * HIDDEN * 4 + VOCAB),
+        "lowrank": (4 * (VOCAB + HIDDEN), 0, 4 * (VOCAB + HIDDEN) * 4),
+        "int8": (VOCAB * HIDDEN + VOCAB, 0, VOCAB * HIDDEN + VOCAB * 4),
+        "int4": (VOCAB * HIDDEN + VOCAB, 0, VOCAB * HIDDEN // 2 + VOCAB * 4),
+    }[method]
+    assert report.embedding_params_before == 2 * VOCAB * HIDDEN
+    assert report.embedding_params_after == 2 * values
+    assert report.code_bytes == 2 * index
+    assert report.dense_bytes == 2 * VOCAB * HIDDEN * 4
+    assert report.embedding_bytes_after == 2 * stored
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+@pytest.mark.parametrize("arch", ["bert", "mt5"])
+def test_save_load_is_bit_exact(method, arch, tmp_path):
+    model = build(arch)
+    asg.compress(model, CONFIGS[method](), progress=False)
+    asg.save_pretrained(model, tmp_path / "ckpt")
+    loaded = asg.from_pretrained(tmp_path / "ckpt")
+    inputs = sample_inputs(arch)
+    assert torch.equal(outputs(loaded, inputs), outputs(model, inputs))
+    want, got = model.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert asg.read_plan(tmp_path / "ckpt")["method"] == method
+
+
+def test_sg_groups_directions_and_starts_from_the_group_mean():
+    torch.manual_seed(0)
+    directions = F.normalize(torch.randn(4, 8), dim=1)
+    rows = torch.cat([directions[i % 4] * (1 + i) for i in range(40)]).reshape(40, 8)  # 4 directions, many lengths
+    module, error = asg.baselines.sg.fit_sg(SGConfig(ratio=0.1), rows, "input", False)
+    groups = module.groups.long()
+    assert module.num_groups == 4
+    assert all(len(set(groups[i::4].tolist())) == 1 for i in range(4))  # same direction, same group
+    for g in range(4):
+        torch.testing.assert_close(module.vectors[g], rows[groups == g].mean(0))
+    assert 0 < error < 1
+
+
+def test_lowrank_is_the_best_rank_r_approximation():
+    x = torch.randn(60, 16, generator=torch.Generator().manual_seed(1))
+    module, error = asg.baselines.lowrank.fit_lowrank(LowRankConfig(rank=5), x, "input", False)
+    s = torch.linalg.svdvals(x)
+    assert error == pytest.approx((s[5:].square().sum() / s.square().sum()).sqrt().item(), rel=1e-4)
+    ids = torch.tensor([[0, 3], [59, 7]])
+    torch.testing.assert_close(module(ids), module.weight[ids])
+    hidden = torch.randn(3, 16)
+    torch.testing.assert_close(module.logits(hidden), hidden @ module.weight.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits, limit", [(8, 0.01), (4, 0.2)])
+def test_scalar_quantization_round_trips_odd_widths(bits, limit):
+    x = torch.randn(30, 7, generator=torch.Generator().manual_seed(2))  # odd D: int4 pads the last nibble
+    module, error = asg.baselines.scalar.fit_scalar(ScalarConfig(bits=bits), x, "input", False)
+    assert error < limit
+    qmax = 127 if bits == 8 else 7
+    want = torch.round(x / (x.abs().amax(1, keepdim=True) / qmax)) * (x.abs().amax(1, keepdim=True) / qmax)
+    torch.testing.assert_close(module.weight, want)
+    torch.testing.assert_close(module(torch.tensor([4, 29])), want[[4, 29]])
+    assert module.values.shape == (30, 7 if bits == 8 else 4)
+    assert list(module.parameters()) == []  # frozen: generic quantization trains nothing
+
+
+def test_config_for_budget_matches_budgets():
+    V, D = 30522, 384
+    assert config_for_budget("asg", V, D, 0.01, m=96).k == 305  # k·D <= 1% of V·D
+    assert round(config_for_budget("sg", V, D, 0.01).ratio * V) == 305
+    assert config_for_budget("lowrank", V, D, 0.01).rank == 3  # r·(V+D) <= 1% of V·D
+    by_bytes = config_for_budget("asg", V, D, 0.05, by="bytes", m=24)
+    assert by_bytes.k * D * 4 + V * 24 * 2 <= 0.05 * V * D * 4 < (by_bytes.k + 1) * D * 4 + V * 24 * 2
+    assert config_for_budget("int4", V, D, 0.01) == ScalarConfig(bits=4)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: config_for_budget("asg", 1000, 64, 0.01, by="bytes", m=32), "codes alone take"),
+    (lambda: config_for_budget("lowrank", 1000, 64, 1e-5), "not even rank 1 fits"),
+    (lambda: config_for_budget("sg", 1000, 64, 0), "must be a fraction"),
+    (lambda: config_for_budget("sg", 1000, 64, 1.5), "must be a fraction"),
+    (lambda: config_for_budget("pca", 1000, 64, 0.01), "unknown method 'pca'"),
+    (lambda: config_for_budget("asg", 1000, 64, 0.01, by="flops", m=8), "by 'params' or 'bytes'"),
+    (lambda: SGConfig(ratio=0), "must be a fraction of the vocabulary"),
+    (lambda: LowRankConfig(), "give exactly one of rank"),
+    (lambda: LowRankConfig(rank=2, budget=0.1), "give exactly one of rank"),
+    (lambda: LowRankConfig(budget=2.0), "must be a fraction"),
+    (lambda: ScalarConfig(bits=2), "supports 8 .int8. or 4 .int4. bits"),
+])
+def test_bad_budgets_and_settings(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_a_budget_too_small_for_the_table_is_refused_before_any_work():
+    with pytest.raises(ValueError, match="the rank would be 0"):
+        asg.compress(build("bert"), LowRankConfig(budget=0.001))
+    with pytest.raises(ValueError, match="would\\s+not compress"):
+        asg.compress(build("bert"), LowRankConfig(rank=HIDDEN))
+    with pytest.raises(ValueError, match="leaves 1 group"):
+        asg.compress(build("bert"), SGConfig(ratio=0.001))
+
+
+def test_sg_tied_head_gives_group_members_equal_logits():
+    model = build("bert")
+    asg.compress(model, SGConfig(ratio=0.1), progress=False)
+    emb = model.get_input_embeddings()
+    groups = emb.groups.long()
+    mates = (groups == groups[10]).nonzero().flatten()
+    assert len(mates) > 1
+    hidden = torch.randn(2, HIDDEN)
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        logits = head(hidden) - head.bias
+    assert np.allclose(logits[:, mates].numpy(), logits[:, mates[:1]].numpy())
