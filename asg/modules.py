@@ -7,6 +7,7 @@ architectures apply after the lookup, and a `spec` from which an empty twin can 
 
 from __future__ import annotations
 
+import time
 from typing import Any, ClassVar
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .pq import code_dtype
 
 _TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int16): torch.int16,
@@ -134,6 +136,7 @@ class ASGEmbedding(CompressedEmbedding):
         self.register_buffer("codes", torch.zeros(num_embeddings, m, dtype=index_dtype(k), device=device))
         offsets = torch.zeros(m, dtype=torch.long) if shared else torch.arange(m) * k
         self.register_buffer("segment_offsets", offsets.to(device), persistent=False)
+        self._path_times: dict[int, dict[str, float]] = {}  # logits: seconds per row of each path, by size class
 
     @classmethod
     def from_pq(cls, codebooks, codes, *, dtype=None, device=None, **kwargs) -> "ASGEmbedding":
@@ -166,23 +169,71 @@ class ASGEmbedding(CompressedEmbedding):
 
     @property
     def weight(self) -> torch.Tensor:
-        return F.embedding(self.concept_ids(), self.codebooks).reshape(self.num_embeddings, self.embedding_dim)
+        return self._rows(None)
 
     def lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
-        ids = self.codes[input_ids].long() + self.segment_offsets
-        return F.embedding(ids, self.codebooks).flatten(-2)
+        return self._rows(input_ids).reshape(*input_ids.shape, self.embedding_dim)
+
+    def _rows(self, ids: torch.Tensor | None) -> torch.Tensor:
+        """Rows (n, D) for `ids` (every token when None): the C gather on CPU float32, else torch indexing."""
+        if self.codebooks.device.type == "cpu" and self.codebooks.dtype == torch.float32 and kernels.available():
+            return _GatherRows.apply(self.codebooks, self.codes, self._step(), ids)
+        concept_ids = self.concept_ids() if ids is None else self.codes[ids.reshape(-1)].long() + self.segment_offsets
+        return F.embedding(concept_ids, self.codebooks).flatten(-2)
+
+    def logits(self, hidden: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores (..., V) plus `bias`. On CPU in float32 without autograd, small batches use per-segment
+        lookup tables over the codes (eq. 2, a C kernel) and larger ones whichever of that and
+        rebuild-then-matmul was faster when this module tried both; elsewhere, the differentiable matmul."""
+        if not self._fast_path(hidden):
+            return F.linear(hidden, self.weight, bias)
+        flat = hidden.reshape(-1, self.embedding_dim)
+        path, bucket = self._pick_path(flat.shape[0])
+        start = time.perf_counter()
+        if path == "lookup":
+            out = kernels.lut_logits(self._segment_scores(flat), self.codes)
+        else:
+            out = F.linear(flat, self.weight)
+        if bucket is not None:
+            bucket[path] = (time.perf_counter() - start) / flat.shape[0]
+        if bias is not None:
+            out += bias
+        return out.reshape(*hidden.shape[:-1], self.num_embeddings)
+
+    def _pick_path(self, rows: int) -> tuple[str, dict | None]:
+        """Lookups cost about what a matmul costs per row, but the matmul path first rebuilds the table, so
+        small batches always use lookups. For larger ones, the first call of each size class (a power of
+        two) tries lookups, the second the matmul, and later calls take the faster: exploring costs nothing,
+        as both give the same logits. Returns the path and, while exploring, where to record its time."""
+        if rows <= 2 * kernels.COLS_CHUNK:
+            return "lookup", None
+        times = self._path_times.setdefault(rows.bit_length(), {})
+        for path in ("lookup", "rebuild"):
+            if path not in times:
+                return path, times
+        return min(times, key=times.get), None
 
     def lookup_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Eq. 2 literally: score each segment of hidden against its codebook, then sum the m scores each token picks."""
-        lead = hidden.shape[:-1]
-        h = hidden.reshape(-1, self.m, self.segment_dim)
+        """Eq. 2 in torch: score each segment of hidden against its codebook, then sum the m scores each token picks."""
+        flat = hidden.reshape(-1, self.embedding_dim)
+        tables = self._segment_scores(flat).reshape(flat.shape[0], -1)
+        rows = self.codes.long() + torch.arange(self.m, device=hidden.device) * self.k  # (V, m) into the m·k scores
+        return tables[:, rows].sum(-1).reshape(*hidden.shape[:-1], self.num_embeddings)
+
+    def _segment_scores(self, flat: torch.Tensor) -> torch.Tensor:
+        """(N, m, k): the dot product of each segment of each row with every concept vector it may use."""
+        segments = flat.reshape(-1, self.m, self.segment_dim)
         if self.shared:
-            tables = torch.einsum("nsd,kd->nsk", h, self.codebooks)
-        else:
-            tables = torch.einsum("nsd,skd->nsk", h, self.codebooks.view(self.m, self.k, self.segment_dim))
-        rows = self.codes.long() + torch.arange(self.m, device=h.device) * self.k  # (V, m) into the (m·k) scores
-        logits = tables.reshape(h.shape[0], -1)[:, rows].sum(-1)
-        return logits.reshape(*lead, self.num_embeddings)
+            return torch.einsum("nsd,kd->nsk", segments, self.codebooks)
+        return torch.einsum("nsd,skd->nsk", segments, self.codebooks.view(self.m, self.k, self.segment_dim))
+
+    def _step(self) -> int:
+        return 0 if self.shared else self.k
+
+    def _fast_path(self, hidden: torch.Tensor) -> bool:
+        grad = torch.is_grad_enabled() and (hidden.requires_grad or self.codebooks.requires_grad)
+        return (not grad and hidden.device.type == "cpu" and hidden.dtype == torch.float32
+                and self.codebooks.dtype == torch.float32 and kernels.available())
 
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "k": self.k, "m": self.m, "shared": self.shared,
@@ -228,3 +279,25 @@ class ASGHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+
+class _GatherRows(torch.autograd.Function):
+    """Rows of an ASG table from the C gather kernel; the backward adds each row's gradient into the
+    concept vectors it was built from (what F.embedding's backward does)."""
+
+    @staticmethod
+    def forward(ctx, codebooks, codes, step, ids):
+        ctx.save_for_backward(codes, ids if ids is not None else torch.empty(0, dtype=torch.long))
+        ctx.step, ctx.all_rows, ctx.rows = step, ids is None, codebooks.shape[0]
+        return kernels.gather(codebooks, codes, step, ids)
+
+    @staticmethod
+    def backward(ctx, grad):
+        codes, ids = ctx.saved_tensors
+        selected = codes if ctx.all_rows else codes[ids.reshape(-1)]
+        m = codes.shape[1]
+        concept_ids = selected.long() + torch.arange(m) * ctx.step
+        flat = grad.reshape(-1, grad.shape[-1] // m)
+        grad_codebooks = torch.zeros(ctx.rows, flat.shape[1], dtype=grad.dtype).index_add_(0, concept_ids.reshape(-1), flat)
+        return grad_codebooks, None, None, None

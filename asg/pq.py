@@ -18,11 +18,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import kernels
+
 #: faiss's default cap on training points per centroid; larger inputs are subsampled for training
 #: (every point is still assigned to its nearest centroid afterwards).
 MAX_POINTS_PER_CENTROID = 256
 _SPLIT_EPS = 1.0 / 1024.0
-_ASSIGN_BLOCK = 1 << 25  # distance-matrix elements computed at once by the torch backend
+_ASSIGN_BLOCK = 1 << 25  # distance-matrix elements computed at once by the torch backend (GPU)
+_CPU_TILE = 512  # points scored at once per segment on CPU: the (tile, k) scores stay in cache
 _warned_no_faiss = False
 
 
@@ -162,16 +165,16 @@ def _fit_torch(x: torch.Tensor, k, m, codebook, niter, seed, progress, desc) -> 
     sub = dim // m
     gen = torch.Generator(device=x.device).manual_seed(seed)
     if codebook == "shared":
-        pooled = x.reshape(1, num_rows * m, sub)
-        sample = torch.as_tensor(_training_sample(pooled.shape[1], k, seed), device=x.device)
-        centroids = _kmeans(pooled[:, sample], k, niter, gen, progress, f"{desc} (shared, torch)")[0]
+        points = x.reshape(1, num_rows * m, sub)
     else:
-        segments = x.reshape(num_rows, m, sub).transpose(0, 1).contiguous()  # (m, V, D/m)
-        sample = _training_sample(num_rows, k, seed)
-        train = segments if len(sample) == num_rows else segments[:, torch.as_tensor(sample, device=x.device)]
-        centroids = _kmeans(train, k, niter, gen, progress, f"{desc} (torch)")
-    codes = _encode(x, centroids)
-    return PQFit(centroids.cpu().numpy(), codes.cpu().numpy().astype(code_dtype(k)))
+        points = x.reshape(num_rows, m, sub).transpose(0, 1).contiguous()  # (m, V, D/m): one copy of the input
+    sample = _training_sample(points.shape[1], k, seed)
+    train = points if len(sample) == points.shape[1] else points[:, torch.as_tensor(sample, device=x.device)]
+    centroids = _kmeans(train, k, niter, gen, progress, f"{desc} ({'shared, ' if codebook == 'shared' else ''}torch)")
+    codes = _assign(points, centroids)  # (m, V), or (1, V·m) for the pooled segments
+    codes = codes.reshape(num_rows, m) if codebook == "shared" else codes.T
+    codebooks = centroids[0] if codebook == "shared" else centroids
+    return PQFit(codebooks.cpu().numpy(), codes.cpu().numpy().astype(code_dtype(k)))
 
 
 def _encode(x: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
@@ -186,9 +189,9 @@ def _encode(x: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
 def _kmeans(x: torch.Tensor, k: int, niter: int, gen: torch.Generator, progress: bool, desc: str) -> torch.Tensor:
     """Batched Lloyd k-means: x (S, N, d) -> centroids (S, k, d), one clustering per leading index."""
     batch, num, dim = x.shape
-    init = torch.rand(batch, num, generator=gen, device=x.device).argsort(dim=1)[:, :k]
-    centroids = torch.gather(x, 1, init[..., None].expand(-1, -1, dim)).clone()
-    ones = torch.ones(batch, num, device=x.device, dtype=x.dtype)
+    init = torch.randperm(num, generator=gen, device=x.device)[:k]  # the same k distinct points in every segment
+    centroids = x[:, init].clone()
+    ones = torch.ones(1, 1, device=x.device, dtype=x.dtype).expand(batch, num)
     for _ in tqdm(range(niter), desc=desc, unit="iter", disable=not progress):
         assign = _assign(x, centroids)
         sums = torch.zeros_like(centroids).scatter_add_(1, assign[..., None].expand(-1, -1, dim), x)
@@ -202,12 +205,23 @@ def _assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Index of the nearest centroid for every point: x (S, N, d), centroids (S, k, d) -> (S, N) long."""
     batch, num, _ = x.shape
     k = centroids.shape[1]
-    norms = (centroids * centroids).sum(-1)[:, None, :]
+    norms = (centroids * centroids).sum(-1)
     out = torch.empty(batch, num, dtype=torch.long, device=x.device)
+    if x.device.type == "cpu" and kernels.available():
+        # Segment by segment, in tiles that stay in cache: a matmul scores, a SIMD kernel picks the minimum.
+        x = x.contiguous()
+        scores = torch.empty(_CPU_TILE, k)
+        for s in range(batch):
+            transposed = centroids[s].T.contiguous()
+            for start in range(0, num, _CPU_TILE):
+                tile = scores[: min(_CPU_TILE, num - start)]
+                torch.addmm(norms[s], x[s, start:start + _CPU_TILE], transposed, alpha=-2.0, out=tile)
+                kernels.argmin_rows(tile, out[s, start:start + _CPU_TILE])
+        return out
     block = max(1, _ASSIGN_BLOCK // (batch * k))
     for start in range(0, num, block):
-        dist = torch.baddbmm(norms, x[:, start : start + block], centroids.transpose(1, 2), alpha=-2.0)
-        out[:, start : start + block] = dist.argmin(-1)
+        dist = torch.baddbmm(norms[:, None, :], x[:, start : start + block], centroids.transpose(1, 2), alpha=-2.0)
+        out[:, start : start + block] = dist.min(-1).indices
     return out
 
 

@@ -1,0 +1,129 @@
+"""The C kernels against plain torch, for every code type, and the fallback when they cannot be built."""
+
+import warnings
+
+import pytest
+import torch
+
+import asg
+from asg import kernels, pq
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler: the kernels are not built here")
+
+CODE_TYPES = [(200, torch.uint8), (300, torch.int16), (40000, torch.uint16), (70000, torch.int32)]
+
+
+def random_module(vocab=1000, dim=32, k=200, m=8, shared=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    module = asg.ASGEmbedding(vocab, dim, k, m, shared=shared)
+    with torch.no_grad():
+        module.codebooks.copy_(torch.randn(module.codebooks.shape, generator=gen))
+        module.codes.copy_(torch.randint(0, k, (vocab, m), generator=gen).to(module.codes.dtype))
+    return module
+
+
+@pytest.mark.parametrize("k, dtype", CODE_TYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 17, 40])
+def test_lookup_logits_equal_the_dense_product(k, dtype, rows):
+    module = random_module(k=k)
+    assert module.codes.dtype == dtype
+    hidden = torch.randn(rows, 32, generator=torch.Generator().manual_seed(1))
+    tables = module._segment_scores(hidden)
+    got = kernels.lut_logits(tables, module.codes)
+    want = hidden @ module.weight.detach().T
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # and the same sums as the torch reference of eq. 2, to float rounding
+    torch.testing.assert_close(got, module.lookup_logits(hidden).detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k, dtype", CODE_TYPES)
+@pytest.mark.parametrize("shared", [False, True])
+def test_gather_rebuilds_exactly_the_rows_asked_for(k, dtype, shared):
+    module = random_module(k=k, shared=shared)
+    step = 0 if shared else k
+    assert torch.equal(kernels.gather(module.codebooks.detach(), module.codes, step), module.weight.detach())
+    ids = torch.tensor([[5, 999], [0, 5]])
+    assert torch.equal(kernels.gather(module.codebooks.detach(), module.codes, step, ids),
+                       module.weight.detach()[ids.flatten()])
+
+
+def test_argmin_rows_finds_the_first_minimum():
+    scores = torch.randn(100, 37, generator=torch.Generator().manual_seed(2))  # k not a multiple of the lanes
+    scores[3, [4, 20]] = -100.0  # a tie: the first index wins, as torch.min does
+    scores[7, 36] = -100.0  # the minimum in the remainder after the last full vector
+    out = torch.empty(100, dtype=torch.long)
+    kernels.argmin_rows(scores, out)
+    assert torch.equal(out, scores.min(-1).indices)
+    assert out[3] == 4 and out[7] == 36
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_head_fast_path_matches_the_differentiable_path(shared):
+    module = random_module(vocab=3000, k=64, shared=shared)
+    head = asg.ASGHead(module, torch.nn.Parameter(torch.randn(3000)))
+    hidden = torch.randn(2, 5, 32)
+    slow = head(hidden)  # autograd on: the matmul path
+    assert slow.requires_grad
+    with torch.no_grad():
+        fast = head(hidden)
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_large_batches_try_both_paths_then_keep_the_faster():
+    module = random_module(vocab=5000, k=64)
+    hidden = torch.randn(200, 32)
+    want = hidden @ module.weight.detach().T
+    with torch.no_grad():
+        outs = [module.logits(hidden) for _ in range(3)]
+    times = module._path_times[(200).bit_length()]
+    assert set(times) == {"lookup", "rebuild"} and all(t > 0 for t in times.values())
+    for out in outs:  # lookup, rebuild, then the faster: all the same logits
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+
+
+def test_gather_backward_equals_embedding_backward():
+    module = random_module(vocab=300, k=16)
+    ids = torch.tensor([[1, 2, 2], [299, 0, 1]])
+    module(ids).pow(2).sum().backward()
+    fast = module.codebooks.grad.clone()
+    module.codebooks.grad = None
+    reference = torch.nn.functional.embedding(module.concept_ids()[ids], module.codebooks).flatten(-2)
+    reference.pow(2).sum().backward()
+    torch.testing.assert_close(fast, module.codebooks.grad)
+    module.codebooks.grad = None
+    (module.weight * torch.arange(32.0)).sum().backward()  # every row at once
+    assert module.codebooks.grad.abs().sum() > 0
+
+
+def test_torch_kmeans_cpu_path_matches_the_batched_path():
+    x = torch.randn(3, 700, 4, generator=torch.Generator().manual_seed(3))
+    centroids = torch.randn(3, 50, 4, generator=torch.Generator().manual_seed(4))
+    fast = pq._assign(x, centroids)
+    want = torch.cdist(x, centroids).argmin(-1)
+    assert (fast == want).float().mean() > 0.999  # equal up to float ties
+
+
+def test_without_kernels_everything_still_computes_the_same(monkeypatch):
+    module = random_module(vocab=800, k=64)
+    head = asg.ASGHead(module)
+    hidden = torch.randn(3, 32)
+    with torch.no_grad():
+        fast = head(hidden)
+    monkeypatch.setitem(kernels._state, "lib", None)
+    assert not kernels.available()
+    with torch.no_grad():
+        torch.testing.assert_close(head(hidden), fast, rtol=1e-5, atol=1e-5)
+    x = torch.randn(300, 16)
+    fit = pq.fit(x, k=8, m=4, backend="torch")
+    assert fit.codes.shape == (300, 4)
+
+
+def test_a_failing_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("ASG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernels, "_state", {})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert kernels.library() is None
+        assert kernels.library() is None
+    assert len([w for w in caught if "could not build its C kernels" in str(w.message)]) == 1
