@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import logging
 import uuid
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .loading import architecture_class
+from .modules import CompressedEmbedding
 from .surgery import FORMAT_VERSION, is_compressed, rebuild
+
+logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -58,34 +62,44 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, tokenizer=None
     return path
 
 
-def from_pretrained(path: str | os.PathLike, model_class=None) -> nn.Module:
+def from_pretrained(path: str | os.PathLike, model_class=None, **config_overrides) -> nn.Module:
     """Load a folder written by `save_pretrained`; needs only that folder. Returns the model in eval mode.
 
-    `model_class` defaults to the architecture recorded in the folder (a transformers class name);
-    pass a transformers class or Auto class to override it.
+    `model_class` defaults to the architecture recorded in the folder (a transformers class name).
+    Another class of the same family takes the shared weights, as transformers does: a compressed
+    `BertModel` loads into `AutoModelForTokenClassification` with a new, initialised head
+    (`config_overrides` such as `num_labels=5` go to its config), and a head the new class lacks is dropped.
     """
     import transformers
 
     path = Path(path)
     plan = read_plan(path)
-    config = transformers.AutoConfig.from_pretrained(path)
+    config = transformers.AutoConfig.from_pretrained(path, **config_overrides)
     # transformers 5 reads some configs (T5) back tied although they were saved untied: restore what was saved.
     if plan.get("tie_word_embeddings") is not None:
         config.tie_word_embeddings = plan["tie_word_embeddings"]
-    model_class = model_class or _architecture_class(config, path)
+    saved_class = _architecture_class(config, path)
     state, aliases = _read_weights(path)
     dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
-    with _no_init_weights():
-        if isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel):
-            model = model_class._from_config(config, dtype=dtype)
-        else:
-            model = model_class.from_config(config, dtype=dtype)
+    try:
+        with _no_init_weights():
+            model = _build(model_class or saved_class, config, dtype)
+    except (AttributeError, TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"{path}: cannot build {getattr(model_class, '__name__', model_class)} from this "
+                         f"checkpoint's {type(config).__name__} ({err}); use a class of the same family") from None
+    same_class = type(model) is saved_class
+    if not same_class:  # a new head's weights are not in the file: build again, initialised
+        model = _build(model_class, config, dtype)
+        plan = _adapt_plan(plan, model, saved_class, state, path)
+    model.tie_weights()  # skipped with the initialisation: the dense ties the config asks for
     try:
         rebuild(model, plan)
     except (AttributeError, KeyError) as err:
         raise ValueError(f"{path}: the recorded ASG tables do not fit {type(model).__name__} ({err}); "
                          f"load it with the architecture it was saved from, {config.architectures}") from None
-    _load_state(model, state, aliases, path)
+    if not same_class:
+        state, aliases = _adapt_state(state, aliases, model, saved_class, path)
+    _load_state(model, state, aliases, path, new_head=not same_class)
     if (path / "generation_config.json").exists():
         model.generation_config = transformers.GenerationConfig.from_pretrained(path)
     model.eval()
@@ -178,17 +192,89 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return state, json.loads(metadata.get("asg_aliases", "{}"))
 
 
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor], aliases: dict[str, str], path: Path) -> None:
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], aliases: dict[str, str], path: Path,
+                new_head: bool = False) -> None:
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"{path}: {len(result.unexpected_keys)} stored tensors do not belong to "
                          f"{type(model).__name__} (e.g. {result.unexpected_keys[:3]}); was it saved from another architecture?")
     for alias, name in aliases.items():
         _tie(model, alias, name)
-    missing = [key for key in result.missing_keys if key not in aliases]
+    # A key may also be missing because the model holds it as the very tensor of a stored key (a table
+    # shared by several modules, in a file written by transformers' own save_pretrained).
+    tensors = model.state_dict(keep_vars=True)
+    stored = {id(tensors[key]) for key in state if key in tensors}
+    missing = [key for key in result.missing_keys if key not in aliases and id(tensors[key]) not in stored]
+    if new_head:  # as transformers does for a new head: what the file lacks keeps its initialisation
+        tables = {name for name, mod in model.named_modules(remove_duplicate=False) if isinstance(mod, CompressedEmbedding)}
+        fresh = [key for key in missing if key.rpartition(".")[0] not in tables]
+        if fresh:
+            logger.warning("%s: %s weights are newly initialised (not in the checkpoint): %s",
+                           path, type(model).__name__, fresh)
+        missing = [key for key in missing if key not in fresh]
     if missing:
         raise ValueError(f"{path}: {len(missing)} tensors are missing from {WEIGHTS_NAME} (e.g. {missing[:3]}); "
                          "the checkpoint is incomplete, save it again")
+
+
+def _renamer(model: nn.Module, saved_class, state: dict[str, torch.Tensor]):
+    """Map names of one class of a model family to another (the same base model, other heads), as
+    transformers does through `base_model_prefix`; None for a head the new class does not share."""
+    prefix = getattr(saved_class, "base_model_prefix", "") or ""
+    saved_wrapped = bool(prefix) and any(key.startswith(prefix + ".") for key in state)
+    target_wrapped = bool(prefix) and _base_prefix(model) == prefix
+
+    def rename(name: str) -> str | None:
+        if saved_wrapped and not name.startswith(prefix + "."):
+            return name if target_wrapped else None  # a head of the saved class: kept only where names match
+        base = name[len(prefix) + 1:] if saved_wrapped else name
+        return f"{prefix}.{base}" if target_wrapped else base
+
+    return rename
+
+
+def _adapt_plan(plan, model: nn.Module, saved_class, state, path: Path) -> dict[str, Any]:
+    """The plan with its table places renamed for `model`; a table it has no place for is left out."""
+    rename = _renamer(model, saved_class, state)
+    modules = {n for n, _ in model.named_modules(remove_duplicate=False)}
+    tables = {}
+    for name, entry in plan["tables"].items():
+        places = [p for p in (rename(loc) for loc in entry["locations"]) if p in modules]
+        if places:
+            tables[name] = {**entry, "locations": places}
+        elif name == "input":
+            raise ValueError(f"{path}: {type(model).__name__} has no place for the compressed input table "
+                             f"{entry['locations']}; load it with the architecture it was saved from")
+    return {**plan, "tables": tables}
+
+
+def _adapt_state(state, aliases, model: nn.Module, saved_class, path: Path):
+    """The stored tensors renamed for `model` (already holding its compressed tables); the rest is left out."""
+    rename = _renamer(model, saved_class, state)
+    present = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    present |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    renamed = {name: rename(name) for name in state}
+    dropped = sorted(name for name, new in renamed.items() if new not in present)
+    if dropped:
+        logger.info("%s: %d stored tensors have no place in %s and are left out (e.g. %s)",
+                    path, len(dropped), type(model).__name__, dropped[:3])
+    kept = {new: state[name] for name, new in renamed.items() if new in present}
+    aliases = {rename(a): rename(n) for a, n in aliases.items() if rename(a) in present and rename(n) in present}
+    return kept, aliases
+
+
+def _build(model_class, config, dtype):
+    import transformers
+
+    if isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel):
+        return model_class._from_config(config, dtype=dtype)
+    return model_class.from_config(config, dtype=dtype)
+
+
+def _base_prefix(model: nn.Module) -> str:
+    """The attribute under which a task model holds its base model ('bert', 'transformer'...), or ''."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    return prefix if prefix and getattr(model, prefix, None) is not None and getattr(model, prefix) is not model else ""
 
 
 def _tie(model: nn.Module, alias: str, name: str) -> None:

@@ -78,7 +78,7 @@ def compress(model: nn.Module, config, *, progress: bool = True) -> CompressionR
             for path in locations:
                 _set_submodule(model, path, new_head)
 
-    _forget_hf_ties(model, [p for entry in tables.values() for p in entry["locations"]])
+    _declare_ties(model, tables)
     modules = compressed_tables(model)
     report = CompressionReport(
         method=config.method,
@@ -139,7 +139,7 @@ def rebuild(model: nn.Module, plan: dict[str, Any]) -> None:
         new_head = ASGHead(table, dense.bias if entry["bias"] else None)
         for path in entry["locations"]:
             _set_submodule(model, path, new_head)
-    _forget_hf_ties(model, [p for entry in tables.values() for p in entry["locations"]])
+    _declare_ties(model, tables)
     model.config.asg = plan
 
 
@@ -252,20 +252,33 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, name, module)
 
 
-def _forget_hf_ties(model: nn.Module, replaced: list[str]) -> None:
-    """Drop transformers' tie declarations that name a replaced table: ASG ties by sharing one module instead."""
-
-    def touches(name: str, paths: list[str]) -> bool:
-        return any(name == p or name.startswith(p + ".") for p in paths)
-
+def _declare_ties(model: nn.Module, tables: dict[str, dict[str, Any]]) -> None:
+    """Tell transformers which tensors are one: ASG ties by sharing one module at several places, and
+    transformers' own `save_pretrained` refuses shared tensors it was not told about. Declarations
+    that name a replaced dense weight are dropped; each extra place of a shared table is declared a
+    tie of its first place."""
+    aliases: dict[str, str] = {}
+    for name, entry in tables.items():
+        places = entry["locations"] if name == INPUT else [f"{loc}.embedding" for loc in entry["locations"]]
+        if name == OUTPUT and entry.get("tied"):
+            places = [tables[INPUT]["locations"][0]] + places
+        table = model.get_submodule(places[0])
+        for place in places[1:]:
+            for tensor in table.state_dict():
+                aliases[f"{place}.{tensor}"] = f"{places[0]}.{tensor}"
+    present = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    present |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
     for prefix, sub in model.named_modules():
-        local = [p[len(prefix) + 1:] for p in replaced if p.startswith(prefix + ".")] if prefix else replaced
         for attr in ("_tied_weights_keys", "all_tied_weights_keys"):
             mapping = getattr(sub, attr, None)
-            if isinstance(mapping, dict):
-                kept = {t: s for t, s in mapping.items() if not (touches(t, local) or touches(s, local))}
-                if kept != mapping:
-                    setattr(sub, attr, kept)
+            if not isinstance(mapping, dict):
+                continue
+            full = (lambda key: f"{prefix}.{key}" if prefix else key)
+            kept = {t: s for t, s in mapping.items() if full(t) in present and full(s) in present}
+            if sub is model:
+                kept.update(aliases)
+            if kept != mapping:
+                setattr(sub, attr, kept)
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

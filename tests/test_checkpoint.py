@@ -188,3 +188,44 @@ def test_loaded_model_keeps_training(tmp_path):
     name = "bert.embeddings.word_embeddings"
     assert not torch.equal(after[f"{name}.codebooks"], before[f"{name}.codebooks"])
     assert torch.equal(after[f"{name}.codes"], before[f"{name}.codes"])
+
+
+@pytest.mark.parametrize("arch", ["bert", "t5", "mt5", "gpt2"])
+def test_transformers_save_pretrained_works_and_asg_loads_it(arch, tmp_path):
+    model = compressed(arch)
+    model.save_pretrained(tmp_path / "hf")  # transformers' own writer: refuses shared tensors it was not told of
+    loaded = asg.from_pretrained(tmp_path / "hf")
+    inputs = sample_inputs(arch)
+    assert torch.equal(outputs(loaded, inputs), outputs(model, inputs))
+    if arch in TIED:
+        assert loaded.get_output_embeddings().embedding is loaded.get_input_embeddings()
+
+
+@pytest.mark.parametrize("source", ["bert", "bert-base"])
+@pytest.mark.parametrize("target", ["AutoModelForTokenClassification", "AutoModelForSequenceClassification",
+                                    "AutoModel"])
+def test_a_compressed_base_loads_into_a_task_head(source, target, tmp_path):
+    import transformers
+
+    model = compressed(source)
+    asg.save_pretrained(model, tmp_path / "ckpt")
+    task = asg.from_pretrained(tmp_path / "ckpt", model_class=getattr(transformers, target), num_labels=5)
+    base = task.bert if hasattr(task, "bert") else task
+    original = model.bert if hasattr(model, "bert") else model
+    inputs = sample_inputs("bert")
+    with torch.no_grad():
+        torch.testing.assert_close(base(**inputs).last_hidden_state, original(**inputs).last_hidden_state)
+    assert isinstance(base.embeddings.word_embeddings, asg.ASGEmbedding)
+    if target != "AutoModel":
+        assert task.config.num_labels == 5
+        assert torch.isfinite(task(**inputs).logits).all()  # the new head is initialised, not garbage
+        assert task.classifier.weight.std() > 0
+    assert task.get_output_embeddings() is None or isinstance(task.get_output_embeddings(), torch.nn.Linear)
+
+
+def test_a_class_that_cannot_hold_the_table_is_refused(tmp_path):
+    import transformers
+
+    asg.save_pretrained(compressed("bert"), tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="cannot build GPT2LMHeadModel from this checkpoint's BertConfig"):
+        asg.from_pretrained(tmp_path / "ckpt", model_class=transformers.GPT2LMHeadModel)
