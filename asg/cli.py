@@ -229,6 +229,81 @@ def compare(
     typer.echo(f"wrote {paths['table']}, {paths['json']} and {paths['plot']}")
 
 
+@app.command()
+@_friendly
+def finetune(
+    model: Optional[str] = typer.Argument(None, help="A model folder, hub name or ASG folder. Default: all-MiniLM-L6-v2."),
+    task: str = typer.Option(..., "--task", help="xnli, wikiann, tydiqa, bc5cdr (hub or local files), or nli, ner, qa (local files)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Run folder: settings, checkpoints, model, predictions, metrics."),
+    train_file: Optional[list[str]] = typer.Option(None, "--train-file", help="Training file (repeatable). Default: the hub's train split."),
+    eval_file: Optional[list[str]] = typer.Option(None, "--eval-file", help="PATH or LANG=PATH (repeatable): one result row each."),
+    train_lang: str = typer.Option("en", "--train-lang", help="Hub tasks: the training language, or all."),
+    eval_lang: Optional[str] = typer.Option(None, "--eval-lang", help="Hub tasks: comma-separated languages, or all (zero-shot)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate. Default: the paper's for the task (1e-3 for mT5-style models)."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Default: 2, or 5 for cross-lingual transfer."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Per-device batch size (the paper's 128)."),
+    max_length: int = typer.Option(128, "--max-length", help="Tokens per example."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps (overrides --epochs)."),
+    save_steps: int = typer.Option(500, "--save-steps", help="Checkpoint every this many steps (resumed from after an interruption)."),
+    seed: int = typer.Option(0, "--seed"),
+    max_train_examples: Optional[int] = typer.Option(None, "--max-train-examples"),
+    max_eval_examples: Optional[int] = typer.Option(None, "--max-eval-examples"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in OUTPUT."),
+) -> None:
+    """Fine-tune a model (dense or compressed) on a task and evaluate it, one row per evaluation language."""
+    from .tasks import FinetuneSettings
+    from .tasks import finetune as run_finetune
+
+    settings = FinetuneSettings(
+        task=task, output=str(output), model=model, train_files=list(train_file or []),
+        eval_files=list(eval_file or []), train_lang=train_lang, eval_langs=_split_list(eval_lang),
+        learning_rate=lr, epochs=epochs, batch_size=batch_size, max_length=max_length, max_steps=max_steps,
+        save_steps=save_steps, seed=seed, max_train_examples=max_train_examples,
+        max_eval_examples=max_eval_examples, overwrite=overwrite)
+    _print_results(run_finetune(settings), output)
+
+
+@app.command()
+@_friendly
+def evaluate(
+    run: Path = typer.Argument(..., help="A run folder written by `asg finetune`."),
+    eval_file: Optional[list[str]] = typer.Option(None, "--eval-file", help="PATH or LANG=PATH (repeatable). Default: the run's own."),
+    eval_lang: Optional[str] = typer.Option(None, "--eval-lang", help="Hub tasks: comma-separated languages, or all."),
+    max_eval_examples: Optional[int] = typer.Option(None, "--max-eval-examples"),
+) -> None:
+    """Evaluate a fine-tuned run again, on its evaluation data or other files and languages."""
+    from .tasks import evaluate as run_evaluate
+
+    _print_results(run_evaluate(run, list(eval_file or []) or None, _split_list(eval_lang), max_eval_examples), run)
+
+
+@app.command()
+@_friendly
+def experiment(
+    path: Path = typer.Argument(..., help="An experiment YAML, e.g. experiments/minilm-toy-ner.yaml."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Run again the runs that already finished."),
+) -> None:
+    """Fine-tune the base model and compressed variants on one task; write the %Base table and plot."""
+    from .experiment import run_experiment
+
+    result = run_experiment(path, overwrite=overwrite)
+    typer.echo(result["table"].read_text())
+    typer.echo(f"wrote {result['table']}, {result['results']} and {result['plot']}")
+
+
+def _print_results(summary: dict, run) -> None:
+    metric = summary["main_metric"]
+    typer.echo(f"{summary['task']}: {metric} by evaluation language")
+    for lang, row in summary["results"].items():
+        typer.echo(f"  {lang:12}{row[metric]:8.2f}   ({row['examples']} examples)")
+    typer.echo(f"  {'average':12}{summary['average'][metric]:8.2f}")
+    typer.echo(f"wrote {Path(run) / 'metrics.json'}, {Path(run) / 'predictions'}/ and {Path(run) / 'model'}/")
+
+
+def _split_list(text: str | None) -> list[str] | None:
+    return [part.strip() for part in text.split(",") if part.strip()] if text else None
+
+
 def _method_config(method, vocab_size, dim, budget, *, k, m, shared, targets, backend, seed, niter):
     """The config `asg compress` builds from its options, saying on stderr what it chose and why."""
     from .baselines import METHODS, config_for_budget

@@ -127,3 +127,37 @@ def dense_twin(original, compressed, table_of):
             for path in entry["locations"]:
                 twin.get_submodule(path).weight.copy_(table)
     return twin
+
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def write_bert_folder(folder, words, seed: int = 0, model_class=None):
+    """A tiny random BERT (BertModel by default) and a WordPiece tokenizer of specials + `words` + fillers."""
+    import transformers as tf
+
+    vocab = SPECIALS + [w for w in words if w not in SPECIALS]
+    vocab += [f"w{i}" for i in range(VOCAB - len(vocab))]
+    tokenizer = tf.BertTokenizer(vocab={token: i for i, token in enumerate(vocab)})
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(seed)
+    (model_class or tf.BertModel)(_bert_config()).save_pretrained(folder)
+    return folder
+
+
+def write_t5_folder(folder, words, seed: int = 0):
+    """A tiny random T5 (tied) with a word-level tokenizer over `words`, for text-to-text tasks."""
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = ["<pad>", "</s>", "<unk>"] + [w for w in words if w not in ("<pad>", "</s>", "<unk>")]
+    vocab += [f"w{i}" for i in range(VOCAB - len(vocab))]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    from tokenizers import processors
+    core.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(seed)
+    tf.T5ForConditionalGeneration(_t5_config(tf.T5Config, tied=True)).save_pretrained(folder)
+    return folder

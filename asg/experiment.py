@@ -1,0 +1,168 @@
+"""Run an experiment YAML: the base model and compressed variants fine-tuned on one task, as in the
+paper's tables, with a Markdown table (embedding %, model %, metric, %Base) and a PNG plot of %Base
+against embedding parameters.
+
+    name: minilm-toy-ner
+    task: ner                      # xnli, wikiann, tydiqa, bc5cdr, or nli/ner/qa on local files
+    model: default                 # a folder or hub name; "default" is all-MiniLM-L6-v2
+    train_files: [experiments/data/toy-ner/train.conll]
+    eval_files: [en=experiments/data/toy-ner/test.conll]
+    train_lang: en                 # hub tasks: the training language, or "all"
+    eval_langs: [all]              # hub tasks: zero-shot rows, one per language
+    hyperparameters: {learning_rate: 5e-5, epochs: 3, batch_size: 16}
+    runs:
+      - {name: Base}
+      - {name: 40% SG, method: sg, budget: 40%}
+      - {name: ASG (k=256, m=96), method: asg, k: 256, m: 96}
+    output: results/minilm-toy-ner
+
+Finished runs are reused when the experiment runs again (pass overwrite to redo them).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from .tasks.metrics import percent_of_base
+from .tasks.runner import FinetuneSettings, finetune
+
+KEYS = {"name", "task", "model", "train_files", "eval_files", "train_lang", "eval_langs", "hyperparameters",
+        "runs", "output"}
+HYPERPARAMETERS = {"learning_rate", "epochs", "batch_size", "weight_decay", "max_length", "max_steps", "save_steps",
+                   "seed", "max_train_examples", "max_eval_examples"}
+
+
+def load_experiment(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check an experiment YAML; ValueError naming the file and the problem."""
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"experiment file {path} does not exist")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: expected a mapping with at least 'task' and 'runs'")
+    unknown = sorted(set(spec) - KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}; known keys are {sorted(KEYS)}")
+    for key in ("task", "runs"):
+        if key not in spec:
+            raise ValueError(f"{path}: missing '{key}'")
+    if not isinstance(spec["runs"], list) or not all(isinstance(r, dict) and r.get("name") for r in spec["runs"]):
+        raise ValueError(f"{path}: 'runs' must be a list of mappings, each with a 'name'")
+    names = [r["name"] for r in spec["runs"]]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: run names must be unique, got {names}")
+    bad = sorted(set(spec.get("hyperparameters") or {}) - HYPERPARAMETERS)
+    if bad:
+        raise ValueError(f"{path}: unknown hyperparameter(s) {bad}; known ones are {sorted(HYPERPARAMETERS)}")
+    spec.setdefault("name", path.stem)
+    spec.setdefault("output", str(Path("results") / spec["name"]))
+    return spec
+
+
+def run_experiment(path: str | os.PathLike, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune every run of the experiment (reusing finished ones) and write table.md, results.json, plot.png."""
+    spec = load_experiment(path)
+    out = Path(spec["output"])
+    rows = []
+    for run in spec["runs"]:
+        folder = out / "runs" / _slug(run["name"])
+        if (folder / "metrics.json").exists() and not overwrite:
+            metrics = json.loads((folder / "metrics.json").read_text())
+        else:
+            compression = {k: v for k, v in run.items() if k != "name"} or None
+            model = spec.get("model")
+            settings = FinetuneSettings(
+                task=spec["task"], output=str(folder), model=None if model in (None, "default") else model,
+                train_files=list(spec.get("train_files") or []), eval_files=list(spec.get("eval_files") or []),
+                train_lang=spec.get("train_lang", "en"), eval_langs=spec.get("eval_langs"),
+                compression=compression, overwrite=True, progress=progress, **(spec.get("hyperparameters") or {}))
+            metrics = finetune(settings)
+        rows.append(_row(run["name"], metrics))
+    _add_percent_of_base(rows)
+    title = f"{spec['name']}: {spec['task']} with {spec.get('model') or 'default'}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(f"# {title}\n\n{markdown_table(rows)}\n")
+    (out / "results.json").write_text(json.dumps({"experiment": spec, "rows": rows}, indent=2, default=str))
+    plot_percent_of_base(rows, out / "plot.png", title)
+    return {"rows": rows, "table": out / "table.md", "plot": out / "plot.png", "results": out / "results.json"}
+
+
+def _row(name: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    report = metrics.get("compression") or {}
+    main = metrics["main_metric"]
+    return {
+        "name": name,
+        "embedding_percent": 100 * report.get("embedding_ratio", 1.0),
+        "model_percent": 100 * report.get("model_ratio", 1.0),
+        "metric": main,
+        "score": metrics["average"][main],
+        "by_language": {lang: row[main] for lang, row in metrics["results"].items()},
+        "all_metrics": metrics["average"],
+    }
+
+
+def _add_percent_of_base(rows: list[dict[str, Any]]) -> None:
+    """%Base of every row against the first uncompressed one (none: the column stays empty)."""
+    base = next((row for row in rows if row["embedding_percent"] == 100.0), None)
+    for row in rows:
+        row["percent_of_base"] = percent_of_base(row["score"], base["score"]) if base and base["score"] else None
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The paper-shaped table: parameters kept, the task's main metric (mean over languages), %Base; then
+    one row per evaluation language where there are several."""
+    metric = rows[0]["metric"] if rows else "score"
+    lines = [f"| model | embedding params % | model params % | {metric} | %Base |", "|---|---:|---:|---:|---:|"]
+    for row in rows:
+        base = "" if row["percent_of_base"] is None else f"{row['percent_of_base']:.2f}"
+        lines.append(f"| {row['name']} | {row['embedding_percent']:.2f} | {row['model_percent']:.2f} | "
+                     f"{row['score']:.2f} | {base} |")
+    languages = sorted({lang for row in rows for lang in row["by_language"]})
+    if len(languages) > 1:
+        lines += ["", f"{metric} by evaluation language (or set):", "",
+                  "| language | " + " | ".join(row["name"] for row in rows) + " |",
+                  "|---|" + "---:|" * len(rows)]
+        for lang in languages + ["average"]:
+            cells = [row["score"] if lang == "average" else row["by_language"].get(lang) for row in rows]
+            lines.append(f"| {lang} | " + " | ".join("" if c is None else f"{c:.2f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_percent_of_base(rows: list[dict[str, Any]], path: str | os.PathLike, title: str) -> None:
+    """%Base against the embedding parameters kept (log scale), one labelled point per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [row for row in rows if row["percent_of_base"] is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in shown:
+        ax.scatter(row["embedding_percent"], row["percent_of_base"], s=40)
+        ax.annotate(row["name"], (row["embedding_percent"], row["percent_of_base"]), textcoords="offset points",
+                    xytext=(5, 5), fontsize=8)
+    if shown:
+        ax.set_xscale("log")
+        low = min(row["embedding_percent"] for row in shown)
+        ax.set_xlim(10 ** math.floor(math.log10(low)), 200)
+    ax.axhline(100, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("embedding parameters kept (%, log scale)")
+    ax.set_ylabel("%Base (task score relative to the uncompressed model)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-").lower() or "run"

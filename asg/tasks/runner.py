@@ -1,0 +1,330 @@
+"""Fine-tune and evaluate a model (dense, or an ASG folder) on a task with `transformers.Trainer`.
+
+A run folder holds everything: `settings.json` (the hyper-parameters used), `checkpoints/` (resumed
+from after an interruption), `model/` (the fine-tuned model and tokenizer), `predictions/<lang>.jsonl`
+and `metrics.json` (one row per evaluation language, and their average). Because it is plain
+Trainer, `torchrun` and `accelerate launch` run it on several devices unchanged; only the main
+process writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import registry
+from .data import DEFAULT_LANG
+
+_LANG_SEP = "="
+
+
+@dataclass
+class FinetuneSettings:
+    """One fine-tuning run. Unset hyper-parameters take the paper's values for the task and model kind."""
+
+    task: str
+    output: str
+    model: str | None = None
+    train_files: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)  # "PATH" or "LANG=PATH"
+    train_lang: str = "en"
+    eval_langs: list[str] | None = None  # None: the training language; ["all"]: every language of the task
+    learning_rate: float | None = None
+    epochs: float | None = None
+    batch_size: int = registry.BATCH_SIZE
+    weight_decay: float = registry.WEIGHT_DECAY
+    max_length: int = 128
+    max_steps: int | None = None
+    save_steps: int = 500
+    seed: int = 0
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    compression: dict[str, Any] | None = None  # {"method": "asg", "k": ..., "m": ...}: compress before training
+    overwrite: bool = False
+    progress: bool = True
+    callbacks: list = field(default_factory=list)  # transformers TrainerCallbacks, passed to the Trainer
+
+
+def finetune(settings: FinetuneSettings) -> dict[str, Any]:
+    """Fine-tune, save the model, evaluate on every evaluation language; returns what metrics.json holds."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    task = registry.get_task(settings.task)
+    run = Path(settings.output)
+    _prepare_run(run, settings.overwrite)
+    train = _limit(_load_train(task, settings), settings.max_train_examples)
+    evals = {lang: _limit(rows, settings.max_eval_examples) for lang, rows in _load_evals(task, settings).items()}
+    labels = task.kind.labels(train + [ex for rows in evals.values() for ex in rows])
+    model, tokenizer, source = load_model(settings.model, task.kind, labels)
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    report = _compress(model, settings.compression) if settings.compression else _recorded_report(model)
+    hparams = _hyperparameters(task, settings, seq2seq, evals)
+    trainer = _trainer(model, tokenizer, task.kind, seq2seq, hparams, run / "checkpoints",
+                       _encode(task.kind, tokenizer, train, labels, settings.max_length, seq2seq, True), settings)
+    checkpoint = get_last_checkpoint(str(run / "checkpoints")) if (run / "checkpoints").is_dir() else None
+    if trainer.is_world_process_zero():
+        _write_json(run / "settings.json", {"task": task.name, "model": source, "labels": labels,
+                                            "hyperparameters": hparams, "compression": report})
+    start = time.time()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    train_info = {"examples": len(train), "lang": settings.train_lang, "seconds": round(time.time() - start, 1),
+                  "loss": result.training_loss, "steps": result.global_step, "resumed_from": checkpoint}
+    if trainer.is_world_process_zero():
+        _save_model(model, tokenizer, run / "model")
+    summary = _evaluate(trainer, task, tokenizer, labels, evals, seq2seq, settings.max_length, run)
+    summary.update(task=task.name, model=source, compression=report, hyperparameters=hparams, train=train_info)
+    if trainer.is_world_process_zero():
+        _write_json(run / "metrics.json", summary)
+    return summary
+
+
+def evaluate(run_dir: str | os.PathLike, eval_files: list[str] | None = None, eval_langs: list[str] | None = None,
+             max_eval_examples: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Evaluate a finished run's model again, on its own or other evaluation data; rewrites metrics.json."""
+    run = Path(run_dir)
+    if not (run / "settings.json").exists() or not (run / "model").is_dir():
+        raise ValueError(f"{run} is not a finished fine-tuning run (it needs settings.json and model/); "
+                         "create one with `asg finetune`")
+    saved = json.loads((run / "settings.json").read_text())
+    task = registry.get_task(saved["task"])
+    hp = saved["hyperparameters"]
+    settings = FinetuneSettings(task=task.name, output=str(run), eval_files=list(eval_files or hp["eval_files"]),
+                                train_lang=hp["train_lang"], eval_langs=eval_langs or hp["eval_langs"],
+                                max_length=hp["max_length"], batch_size=hp["batch_size"], progress=progress)
+    evals = {lang: _limit(rows, max_eval_examples) for lang, rows in _load_evals(task, settings).items()}
+    model, tokenizer, _ = load_model(str(run / "model"), task.kind, saved["labels"])
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    trainer = _trainer(model, tokenizer, task.kind, seq2seq, hp, run / "checkpoints", None, settings)
+    summary = _evaluate(trainer, task, tokenizer, saved["labels"], evals, seq2seq, hp["max_length"], run)
+    previous = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else {}
+    summary = {**previous, **summary, "task": task.name}
+    _write_json(run / "metrics.json", summary)
+    return summary
+
+
+def load_model(source: str | None, kind, labels: list[str]):
+    """The model for a task kind (a task head on an encoder; the model itself for an encoder–decoder),
+    from a dense model folder or hub name, or an ASG folder; with its tokenizer and a description of the source."""
+    import transformers
+
+    from ..checkpoint import from_pretrained
+    from ..loading import default_model_path, load_tokenizer
+
+    source = source or str(default_model_path())
+    is_asg = _is_asg_folder(source)
+    config = transformers.AutoConfig.from_pretrained(source)
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    options = {} if seq2seq or not labels else {
+        "num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {l: i for i, l in enumerate(labels)}}
+    model_class = transformers.AutoModelForSeq2SeqLM if seq2seq else kind.encoder_class()
+    try:
+        if is_asg:
+            model = from_pretrained(source, model_class=model_class, **options)
+        else:
+            model = model_class.from_pretrained(source, ignore_mismatched_sizes=bool(options), **options)
+    except (OSError, KeyError) as err:
+        raise ValueError(f"could not load {source} as {model_class.__name__}: {err}") from None
+    tokenizer = load_tokenizer(source)
+    if tokenizer is None:
+        raise ValueError(f"{source} has no tokenizer; save one next to the model (asg compress does)")
+    return model, tokenizer, source
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def _load_train(task, settings: FinetuneSettings) -> list[dict]:
+    if settings.train_files:
+        return [ex for path in settings.train_files for ex in task.kind.read(path, settings.train_lang)]
+    if task.loader is None:
+        raise ValueError(f"task {task.name!r} reads local files only: give --train-file")
+    langs = list(task.languages) if settings.train_lang == "all" else [settings.train_lang]
+    return [ex for lang in langs for ex in task.loader("train", lang)]
+
+
+def _load_evals(task, settings: FinetuneSettings) -> dict[str, list[dict]]:
+    """Evaluation examples by language: from files ("LANG=PATH", or the records' own "lang"), or from the hub."""
+    if settings.eval_files:
+        groups: dict[str, list[dict]] = {}
+        for spec in settings.eval_files:
+            lang, path = _split_eval_spec(spec)
+            for ex in task.kind.read(path, lang):
+                if lang:  # LANG=PATH: the whole file is that language, whatever its records say
+                    ex["lang"] = lang
+                name = ex["lang"] if ex["lang"] != DEFAULT_LANG else Path(path).stem
+                groups.setdefault(name, []).append(ex)
+        return groups
+    if task.loader is None:
+        raise ValueError(f"task {task.name!r} reads local files only: give --eval-file")
+    langs = settings.eval_langs or [settings.train_lang]
+    if langs == ["all"]:
+        langs = list(task.languages)
+    unknown = [lang for lang in langs if lang not in task.languages]
+    if unknown:
+        raise ValueError(f"task {task.name} has no language(s) {unknown}; it has {', '.join(task.languages)}")
+    return {lang: task.loader(task.eval_split, lang) for lang in langs}
+
+
+def _split_eval_spec(spec: str) -> tuple[str | None, str]:
+    """"de=path/test.conll" -> ("de", "path/test.conll"); a plain path (even one holding "=") -> (None, path)."""
+    lang, sep, path = spec.partition(_LANG_SEP)
+    if sep and lang and "/" not in lang and not Path(spec).exists():
+        return lang, path
+    return None, spec
+
+
+def _limit(rows: list, count: int | None) -> list:
+    return rows if count is None else rows[:count]
+
+
+def _encode(kind, tokenizer, examples, labels, max_length, seq2seq: bool, train: bool):
+    if not seq2seq:
+        return kind.encode(tokenizer, examples, labels, max_length, train)
+    from .kinds import Features
+
+    sources, targets = zip(*(kind.text_pair(ex) for ex in examples))
+    enc = tokenizer(list(sources), text_target=list(targets), truncation=True, max_length=max_length)
+    return Features([{key: enc[key][i] for key in enc.keys()} for i in range(len(examples))])
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+def _hyperparameters(task, settings: FinetuneSettings, seq2seq: bool, evals: dict) -> dict[str, Any]:
+    cross_lingual = any(lang != settings.train_lang for lang in evals)
+    lr = settings.learning_rate or (registry.SEQ2SEQ_LEARNING_RATE if seq2seq else task.learning_rate)
+    epochs = settings.epochs or (registry.CROSS_LINGUAL_EPOCHS if cross_lingual else registry.EPOCHS)
+    return {"learning_rate": lr, "epochs": epochs, "batch_size": settings.batch_size,
+            "weight_decay": settings.weight_decay, "max_length": settings.max_length, "max_steps": settings.max_steps,
+            "seed": settings.seed, "train_lang": settings.train_lang, "eval_langs": sorted(evals),
+            "eval_files": list(settings.eval_files), "train_files": list(settings.train_files),
+            "seq2seq": seq2seq, "cross_lingual": cross_lingual}
+
+
+def _trainer(model, tokenizer, kind, seq2seq: bool, hp: dict, checkpoints: Path, train_features, settings):
+    import transformers
+
+    common = dict(output_dir=str(checkpoints), per_device_train_batch_size=hp["batch_size"],
+                  per_device_eval_batch_size=hp["batch_size"], learning_rate=hp["learning_rate"],
+                  weight_decay=hp["weight_decay"], num_train_epochs=hp["epochs"], max_steps=hp["max_steps"] or -1,
+                  save_strategy="steps", save_steps=settings.save_steps, save_total_limit=1,
+                  logging_steps=max(1, settings.save_steps // 10), report_to=[], seed=hp["seed"],
+                  disable_tqdm=not settings.progress, remove_unused_columns=False, eval_strategy="no",
+                  dataloader_pin_memory=_has_accelerator())
+    if seq2seq:
+        args = transformers.Seq2SeqTrainingArguments(predict_with_generate=True, generation_max_length=64, **common)
+        collator = transformers.DataCollatorForSeq2Seq(tokenizer, model=model)
+        return transformers.Seq2SeqTrainer(model=model, args=args, train_dataset=train_features, data_collator=collator,
+                                           processing_class=tokenizer, callbacks=settings.callbacks)
+    collator = (transformers.DataCollatorForTokenClassification(tokenizer) if kind.name == "ner"
+                else transformers.DataCollatorWithPadding(tokenizer))
+    return transformers.Trainer(model=model, args=transformers.TrainingArguments(**common), train_dataset=train_features,
+                                data_collator=collator, processing_class=tokenizer, callbacks=settings.callbacks)
+
+
+def _evaluate(trainer, task, tokenizer, labels, evals: dict, seq2seq: bool, max_length: int, run: Path) -> dict:
+    results, kind = {}, task.kind
+    for lang, examples in sorted(evals.items()):
+        features = _encode(kind, tokenizer, examples, labels, max_length, seq2seq, False)
+        output = trainer.predict(features)
+        if seq2seq:
+            ids = output.predictions
+            ids = ids.clip(min=0) if hasattr(ids, "clip") else ids
+            texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+            predictions = [kind.parse_generated(text, ex) for text, ex in zip(texts, examples)]
+        else:
+            predictions = kind.decode(output, features, examples, labels)
+        results[lang] = {**kind.score(examples, predictions), "examples": len(examples)}
+        if trainer.is_world_process_zero():
+            _write_jsonl(run / "predictions" / f"{lang}.jsonl", [kind.record(ex, p) for ex, p in zip(examples, predictions)])
+    metric_names = [key for key in next(iter(results.values())) if key != "examples"]
+    average = {key: statistics.fmean(row[key] for row in results.values()) for key in metric_names}
+    return {"main_metric": kind.main_metric, "results": results, "average": average}
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+# --- compression and files -----------------------------------------------------------------------
+
+
+def _compress(model, spec: dict[str, Any]) -> dict[str, Any]:
+    """Compress the task model in place as `spec` says ({"method": "asg", "k": 256, "m": 96} or a baseline
+    with a "budget"); returns the report as a dict."""
+    from ..baselines import config_for_budget
+    from ..config import ASGConfig
+    from ..surgery import compress
+
+    spec = dict(spec)
+    method = spec.pop("method", "asg")
+    targets = spec.pop("targets", None) or ("input", "output")
+    if method == "asg" and "budget" not in spec:
+        config = ASGConfig(targets=targets, **spec)
+    else:
+        weight = model.get_input_embeddings().weight
+        budget = spec.pop("budget")
+        budget = float(str(budget).rstrip("%")) / 100 if str(budget).endswith("%") else float(budget)
+        config = config_for_budget(method, *weight.shape, budget, targets=targets, **spec)
+    if model.get_output_embeddings() is None:
+        config.targets = tuple(t for t in config.targets if t == "input") or ("input",)
+    return compress(model, config, progress=False).to_dict()
+
+
+def _recorded_report(model) -> dict[str, Any] | None:
+    plan = getattr(model.config, "asg", None)
+    return plan.get("report") if isinstance(plan, dict) else None
+
+
+def _is_asg_folder(source: str) -> bool:
+    config = Path(source) / "config.json"
+    return config.exists() and "asg" in json.loads(config.read_text())
+
+
+def _prepare_run(run: Path, overwrite: bool) -> None:
+    if (run / "metrics.json").exists():
+        if not overwrite:
+            raise ValueError(f"{run} holds a finished run; evaluate it with `asg evaluate {run}`, choose another "
+                             "folder, or pass --overwrite")
+        shutil.rmtree(run)
+    elif run.exists() and any(run.iterdir()) and not (run / "checkpoints").is_dir():
+        raise ValueError(f"{run} exists and is not a run folder; choose another folder")
+    run.mkdir(parents=True, exist_ok=True)
+
+
+def _save_model(model, tokenizer, target: Path) -> None:
+    from ..checkpoint import save_pretrained
+    from ..surgery import is_compressed
+
+    if is_compressed(model):
+        save_pretrained(model, target, tokenizer=tokenizer)
+        return
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.rename(tmp, target)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+    os.replace(tmp, path)
+

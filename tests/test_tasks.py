@@ -1,0 +1,304 @@
+"""Tasks: metrics on hand-made predictions, file readers and their errors, real learning on a tiny
+model, zero-shot rows, resuming, %Base, and the finetune / evaluate / experiment commands."""
+
+import json
+import random
+
+import pytest
+from transformers import TrainerCallback
+from typer.testing import CliRunner
+
+import asg
+from asg.cli import app
+from asg.experiment import _add_percent_of_base, markdown_table, run_experiment
+from asg.tasks import DataError, FinetuneSettings, evaluate, finetune, read_ner, read_nli, read_qa
+from asg.tasks.kinds import entities
+from asg.tasks.metrics import accuracy, entity_f1, percent_of_base, span_f1, squad_scores
+from tiny_models import write_bert_folder, write_t5_folder
+
+KEYS = {"yes": "entailment", "no": "contradiction", "maybe": "neutral"}
+FILL = ["the", "cat", "dog", "sat", "ran", "here", "there", "house", "went", "to", "saw", "today"]
+PEOPLE, PLACES = ["alice", "bob", "carol"], ["paris", "rome", "oslo"]
+WORDS = list(KEYS) + FILL + PEOPLE + PLACES + ["who", "where", "per", "loc", ":", ";", "none", "entailment",
+                                               "contradiction", "neutral", "premise", "hypothesis"]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def nli_rows(n, lang, seed):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        key = rng.choice(list(KEYS))
+        hypothesis = rng.choices(FILL, k=2) + [key] + rng.choices(FILL, k=2)
+        rows.append({"premise": " ".join(rng.choices(FILL, k=5)), "hypothesis": " ".join(hypothesis),
+                     "label": KEYS[key], "lang": lang})
+    return rows
+
+
+def conll(n, seed):
+    rng = random.Random(seed)
+    sentences = []
+    for _ in range(n):
+        lines = []
+        for _ in range(rng.randint(3, 7)):
+            r = rng.random()
+            word, tag = ((rng.choice(PEOPLE), "B-PER") if r < 0.25 else (rng.choice(PLACES), "B-LOC") if r < 0.45
+                         else (rng.choice(FILL), "O"))
+            lines.append(f"{word}\t{tag}")
+        sentences.append("\n".join(lines))
+    return "\n\n".join(sentences) + "\n"
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    return str(write_bert_folder(tmp_path_factory.mktemp("bert"), WORDS))
+
+
+@pytest.fixture(scope="module")
+def nli_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("nli")
+    return (write_jsonl(folder / "train.jsonl", nli_rows(300, "en", 0)),
+            write_jsonl(folder / "test.jsonl", nli_rows(60, "en", 1) + nli_rows(40, "de", 2) + nli_rows(30, "fr", 3)))
+
+
+# --- metrics -----------------------------------------------------------------------------------------
+
+
+def test_metrics_on_hand_made_predictions():
+    assert accuracy(["a", "b", "a", "c"], ["a", "b", "c", "c"]) == 0.75
+    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["O", "B-ORG"]]
+    pred = [["B-PER", "I-PER", "O", "O"], ["O", "B-ORG"]]  # 2 of 3 entities found, none wrong
+    scores = entity_f1(gold, pred)
+    assert scores["precision"] == 1.0 and scores["recall"] == pytest.approx(2 / 3)
+    assert scores["f1"] == pytest.approx(0.8)
+    squad = squad_scores(["The cat", "a big dog", "nothing"], [["cat"], ["the dog", "big dog"], ["something"]])
+    assert squad["exact_match"] == pytest.approx(200 / 3)  # "The cat" = "cat"; "a big dog" = "big dog" after normalisation
+    assert squad["f1"] == pytest.approx(200 / 3)
+    partial = squad_scores(["big red dog"], [["red dog"]])  # 2 common tokens: p = 2/3, r = 1
+    assert partial["exact_match"] == 0 and partial["f1"] == pytest.approx(80.0)
+    assert span_f1([{("PER", "alice")}], [{("PER", "alice"), ("LOC", "rome")}]) == {
+        "f1": pytest.approx(2 / 3), "precision": 0.5, "recall": 1.0}
+    assert entities(["alice", "smith", "went", "to", "rome"], ["B-PER", "I-PER", "O", "O", "B-LOC"]) == {
+        ("PER", "alice smith"), ("LOC", "rome")}
+    assert percent_of_base(72.84, 74.79) == pytest.approx(97.39, abs=0.01)
+    with pytest.raises(ValueError, match="undefined"):
+        percent_of_base(1.0, 0.0)
+
+
+# --- readers -----------------------------------------------------------------------------------------
+
+
+def test_readers_accept_every_documented_format(tmp_path):
+    nli = read_nli(write_jsonl(tmp_path / "nli.jsonl", [{"premise": "a", "hypothesis": "b", "label": 2}]))
+    assert nli == [{"premise": "a", "hypothesis": "b", "label": "2", "lang": "und"}]
+    (tmp_path / "ner.conll").write_text("-DOCSTART-\tO\n\nalice\tB-PER\nwent\tO\n\nrome B-LOC\n")
+    assert [s["tags"] for s in read_ner(tmp_path / "ner.conll", "en")] == [["B-PER", "O"], ["B-LOC"]]
+    ner = read_ner(write_jsonl(tmp_path / "ner.jsonl", [{"tokens": ["a", "b"], "ner_tags": ["O", "B-X"], "lang": "de"}]))
+    assert ner == [{"tokens": ["a", "b"], "tags": ["O", "B-X"], "lang": "de"}]
+    squad = {"data": [{"paragraphs": [{"context": "alice went to rome", "qas": [
+        {"id": "q1", "question": "where", "answers": [{"text": "rome", "answer_start": 14}]}]}]}]}
+    (tmp_path / "squad.json").write_text(json.dumps(squad))
+    (qa,) = read_qa(tmp_path / "squad.json")
+    assert qa["answers"] == {"text": ["rome"], "answer_start": [14]} and qa["id"] == "q1"
+    flat = read_qa(write_jsonl(tmp_path / "qa.jsonl", [
+        {"context": "alice went", "question": "who", "answers": {"text": "alice", "answer_start": 0}}]))
+    assert flat[0]["answers"] == {"text": ["alice"], "answer_start": [0]}
+
+
+@pytest.mark.parametrize("reader, name, content, message", [
+    (read_nli, "a.jsonl", '{"premise": "a", "hypothesis": "b", "label": "x"}\nnot json\n', r"a.jsonl, line 2: expected one JSON object"),
+    (read_nli, "b.jsonl", '{"premise": "a", "label": "x"}\n', r'b.jsonl, line 1: expected a string field "hypothesis"'),
+    (read_ner, "c.conll", "alice\tB-PER\nwent\n", r"c.conll, line 2: expected TOKEN<TAB>TAG"),
+    (read_ner, "d.jsonl", '{"tokens": ["a", "b"], "ner_tags": ["O"]}\n', r"d.jsonl, line 1: expected one tag per token"),
+    (read_ner, "e.jsonl", '{"tokens": ["a"], "ner_tags": [3]}\n', r"e.jsonl, line 1: expected \"ner_tags\", a list of tag strings"),
+    (read_qa, "f.jsonl", '{"context": "abc", "question": "q", "answers": {"text": ["zz"], "answer_start": [0]}}\n',
+     r"f.jsonl, line 1: answer 'zz' is not found at answer_start 0"),
+    (read_qa, "g.json", '{"data": [{"paragraphs": [{"qas": []}]}]}', r"g.json, data\[0\].paragraphs\[0\]: expected a paragraph"),
+    (read_nli, "h.jsonl", "\n\n", r"h.jsonl, the whole file: expected at least one record"),
+])
+def test_malformed_files_name_the_file_the_line_and_what_was_expected(tmp_path, reader, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=message):
+        reader(tmp_path / name)
+
+
+# --- fine-tuning -------------------------------------------------------------------------------------
+
+
+def test_finetuning_learns_and_reports_one_row_per_language(bert_dir, nli_files, tmp_path):
+    train, test = nli_files
+    run = tmp_path / "run"
+    summary = finetune(FinetuneSettings(task="nli", output=str(run), model=bert_dir, train_files=[train],
+                                        eval_files=[test], learning_rate=2e-3, epochs=15, batch_size=16,
+                                        max_length=32, progress=False))
+    assert set(summary["results"]) == {"en", "de", "fr"}  # one row per language, from the records' "lang"
+    assert all(row["accuracy"] > 90 for row in summary["results"].values())  # chance is 33%
+    assert summary["average"]["accuracy"] == pytest.approx(
+        sum(row["accuracy"] for row in summary["results"].values()) / 3)
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["hyperparameters"]["learning_rate"] == 2e-3 and saved["hyperparameters"]["weight_decay"] == 0.01
+    assert saved["hyperparameters"]["cross_lingual"] is True
+    predictions = [json.loads(line) for line in (run / "predictions" / "de.jsonl").read_text().splitlines()]
+    assert len(predictions) == 40 and {"prediction", "label"} <= set(predictions[0])
+    again = evaluate(run, progress=False)
+    assert again["results"]["en"]["accuracy"] == summary["results"]["en"]["accuracy"]
+
+
+def test_paper_hyperparameters_are_the_defaults(bert_dir, nli_files, tmp_path):
+    train, test = nli_files
+    summary = finetune(FinetuneSettings(task="nli", output=str(tmp_path / "run"), model=bert_dir, train_files=[train],
+                                        eval_files=[f"en={test}"], max_steps=1, progress=False))
+    hp = summary["hyperparameters"]
+    assert (hp["learning_rate"], hp["batch_size"], hp["weight_decay"], hp["epochs"]) == (5e-6, 128, 0.01, 2)
+    assert set(summary["results"]) == {"en"}
+
+
+def test_a_compressed_encoder_finetunes_and_its_codes_never_change(bert_dir, nli_files, tmp_path):
+    train, test = nli_files
+    compressed = tmp_path / "asg"
+    result = CliRunner().invoke(app, ["compress", bert_dir, "--k", "16", "--m", "8", "-o", str(compressed)])
+    assert result.exit_code == 0, result.output
+    codes = asg.from_pretrained(compressed).get_input_embeddings().codes.clone()
+    run = tmp_path / "run"
+    summary = finetune(FinetuneSettings(task="nli", output=str(run), model=str(compressed), train_files=[train],
+                                        eval_files=[test], learning_rate=2e-3, epochs=15, batch_size=16,
+                                        max_length=32, progress=False))
+    assert summary["average"]["accuracy"] > 80
+    assert summary["compression"]["embedding_ratio"] == pytest.approx(16 * 32 / (211 * 32))
+    tuned = asg.from_pretrained(run / "model")
+    assert isinstance(tuned.bert.embeddings.word_embeddings, asg.ASGEmbedding)
+    assert (tuned.bert.embeddings.word_embeddings.codes == codes).all()
+
+
+def test_ner_and_qa_and_text_to_text_runs(bert_dir, tmp_path):
+    (tmp_path / "train.conll").write_text(conll(200, 0))
+    (tmp_path / "test.conll").write_text(conll(40, 1))
+    ner = finetune(FinetuneSettings(task="ner", output=str(tmp_path / "ner"), model=bert_dir,
+                                    train_files=[str(tmp_path / "train.conll")], eval_files=[str(tmp_path / "test.conll")],
+                                    learning_rate=3e-3, epochs=4, batch_size=16, max_length=32, progress=False,
+                                    compression={"method": "asg", "k": 16, "m": 8}))
+    assert ner["results"]["test"]["f1"] > 90  # entities are the word itself: learnable
+    rng = random.Random(0)
+    rows = []
+    for i in range(200):
+        person, place, question = rng.choice(PEOPLE), rng.choice(PLACES), rng.choice(["who", "where"])
+        context = f"{person} went to {place} today"
+        answer = person if question == "who" else place
+        rows.append({"id": str(i), "context": context, "question": question,
+                     "answers": {"text": [answer], "answer_start": [context.index(answer)]}})
+    write_jsonl(tmp_path / "qa.jsonl", rows)
+    qa = finetune(FinetuneSettings(task="qa", output=str(tmp_path / "qa"), model=bert_dir,
+                                   train_files=[str(tmp_path / "qa.jsonl")], eval_files=[str(tmp_path / "qa.jsonl")],
+                                   learning_rate=3e-3, epochs=3, batch_size=16, max_length=32, progress=False))
+    assert set(qa["results"]["qa"]) == {"exact_match", "f1", "examples"}
+    assert qa["results"]["qa"]["f1"] > 34  # above always answering the first word of the context
+    t5 = str(write_t5_folder(tmp_path / "t5", WORDS))
+    text = finetune(FinetuneSettings(task="ner", output=str(tmp_path / "t5-run"), model=t5,
+                                     train_files=[str(tmp_path / "train.conll")], eval_files=[str(tmp_path / "test.conll")],
+                                     learning_rate=3e-3, epochs=1, batch_size=16, max_length=32, progress=False,
+                                     compression={"method": "asg", "k": 16, "m": 8}))
+    assert text["hyperparameters"]["seq2seq"] is True
+    assert set(text["compression"]["tables"]) == {"input", "output"}  # both sides, as in section 2.4
+    assert 0 <= text["results"]["test"]["f1"] <= 100
+
+
+class Interrupt(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 7:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(bert_dir, nli_files, tmp_path):
+    train, test = nli_files
+    settings = dict(task="nli", output=str(tmp_path / "run"), model=bert_dir, train_files=[train], eval_files=[test],
+                    max_steps=10, save_steps=5, batch_size=16, max_length=32, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(FinetuneSettings(**settings, callbacks=[Interrupt()]))
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-5").is_dir()
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    summary = finetune(FinetuneSettings(**settings))
+    assert summary["train"]["resumed_from"].endswith("checkpoint-5")
+    assert summary["train"]["steps"] == 10
+    with pytest.raises(ValueError, match="holds a finished run"):
+        finetune(FinetuneSettings(**settings))
+
+
+def test_bad_task_settings(bert_dir, tmp_path):
+    with pytest.raises(ValueError, match="unknown task 'sentiment'"):
+        finetune(FinetuneSettings(task="sentiment", output=str(tmp_path / "a")))
+    with pytest.raises(ValueError, match="reads local files only: give --train-file"):
+        finetune(FinetuneSettings(task="ner", output=str(tmp_path / "b"), model=bert_dir))
+    with pytest.raises(ValueError, match="not a finished fine-tuning run"):
+        evaluate(tmp_path)
+
+
+# --- experiments -------------------------------------------------------------------------------------
+
+
+def test_percent_of_base_rows_and_table():
+    rows = [{"name": "Base", "embedding_percent": 100.0, "model_percent": 100.0, "metric": "f1", "score": 80.0,
+             "by_language": {"en": 90.0, "de": 70.0}},
+            {"name": "ASG", "embedding_percent": 0.5, "model_percent": 48.0, "metric": "f1", "score": 76.0,
+             "by_language": {"en": 88.0, "de": 64.0}}]
+    _add_percent_of_base(rows)
+    assert [row["percent_of_base"] for row in rows] == [100.0, 95.0]
+    table = markdown_table(rows)
+    assert "| ASG | 0.50 | 48.00 | 76.00 | 95.00 |" in table
+    assert "| de | 70.00 | 64.00 |" in table and "| average | 80.00 | 76.00 |" in table
+
+
+def test_experiment_command_writes_table_and_plot(bert_dir, nli_files, tmp_path):
+    train, test = nli_files
+    spec = tmp_path / "exp.yaml"
+    spec.write_text(f"""
+name: tiny
+task: nli
+model: {bert_dir}
+train_files: [{train}]
+eval_files: [{test}]
+hyperparameters: {{learning_rate: 3.0e-3, epochs: 4, batch_size: 16, max_length: 32}}
+runs:
+  - {{name: Base}}
+  - {{name: ASG (k=16 m=8), method: asg, k: 16, m: 8}}
+  - {{name: SG, method: sg, budget: 40%}}
+output: {tmp_path / "out"}
+""")
+    result = CliRunner().invoke(app, ["experiment", str(spec)])
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| Base | 100.00 | 100.00 |" in table and "%Base" in table
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert rows[0]["percent_of_base"] == 100.0
+    assert rows[1]["embedding_percent"] == pytest.approx(100 * 16 * 32 / (211 * 32))
+    assert rows[1]["percent_of_base"] == pytest.approx(100 * rows[1]["score"] / rows[0]["score"])
+    assert (tmp_path / "out" / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    mtime = (tmp_path / "out" / "runs" / "base" / "metrics.json").stat().st_mtime
+    run_experiment(spec, progress=False)  # finished runs are reused
+    assert (tmp_path / "out" / "runs" / "base" / "metrics.json").stat().st_mtime == mtime
+
+
+def test_bad_experiment_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("task: ner\nruns: [{name: x}]\nmodle: y\n")
+    result = CliRunner().invoke(app, ["experiment", str(tmp_path / "a.yaml")])
+    assert result.exit_code == 2 and "unknown key(s) ['modle']" in result.stderr
+    (tmp_path / "b.yaml").write_text("task: ner\nruns: [{name: x}, {name: x}]\n")
+    assert "run names must be unique" in CliRunner().invoke(app, ["experiment", str(tmp_path / "b.yaml")]).stderr
+
+
+def test_finetune_and_evaluate_commands(bert_dir, nli_files, tmp_path):
+    train, test = nli_files
+    runner = CliRunner()
+    result = runner.invoke(app, ["finetune", bert_dir, "--task", "nli", "--train-file", train, "--eval-file",
+                                 f"en={test}", "--lr", "3e-3", "--epochs", "4", "--batch-size", "16",
+                                 "--max-length", "32", "-o", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "nli: accuracy by evaluation language" in result.stdout and "average" in result.stdout
+    again = runner.invoke(app, ["evaluate", str(tmp_path / "run")])
+    assert again.exit_code == 0 and "(130 examples)" in again.stdout
+    missing = runner.invoke(app, ["finetune", bert_dir, "--task", "nli", "--train-file", str(tmp_path / "no.jsonl"),
+                                  "-o", str(tmp_path / "run2")])
+    assert missing.exit_code == 2 and "does not exist" in missing.stderr
