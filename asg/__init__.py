@@ -9,10 +9,12 @@
 __version__ = "0.1.0"
 
 from . import baselines, pq
+from .calibration import calibrate
 from .checkpoint import from_pretrained, read_plan, save_pretrained
 from .config import ASGConfig
 from .modules import ASGEmbedding, ASGHead
 from .report import CompressionReport
+from .fidelity import fidelity as measure_fidelity
 from .surgery import asg_modules, compress, is_compressed
 
 __all__ = [
@@ -22,6 +24,8 @@ __all__ = [
     "CompressionReport",
     "asg_modules",
     "baselines",
+    "calibrate",
+    "measure_fidelity",
     "compress",
     "from_pretrained",
     "is_compressed",

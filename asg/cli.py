@@ -6,8 +6,10 @@ line on stderr and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
+import random
 import os
 import sys
 from pathlib import Path
@@ -77,6 +79,10 @@ def compress(
     backend: str = typer.Option("faiss", "--backend", help="k-means backend: faiss, or torch (runs on GPU where there is one)."),
     seed: int = typer.Option(0, "--seed", help="Random seed of k-means."),
     niter: int = typer.Option(25, "--niter", help="k-means iterations."),
+    weights: Optional[str] = typer.Option(
+        None, "--weights", help="Frequency-aware k-means: wordfreq, wordfreq:LANG[,LANG], or a counts file "
+                                "(token<TAB>count per line, or JSON)."),
+    fidelity: bool = typer.Option(True, "--fidelity/--no-fidelity", help="Measure fidelity to the original at the end."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it is an existing ASG checkpoint."),
 ) -> None:
     """Compress a model's token embeddings (and its LM head) and save it, with its tokenizer, to OUT.
@@ -95,11 +101,17 @@ def compress(
     tokenizer = load_tokenizer(source)
     vocab_size, dim = dense.get_input_embeddings().weight.shape
     config = _method_config(method, vocab_size, dim, budget, k=k, m=m, shared=shared, targets=targets,
-                            backend=backend, seed=seed, niter=niter)
-    report = compress_model(dense, config, progress=True)
+                            backend=backend, seed=seed, niter=niter, weights=weights)
+    reference = copy.deepcopy(dense) if fidelity and tokenizer is not None else None
+    report = compress_model(dense, config, tokenizer=tokenizer, progress=True)
     save_pretrained(dense, output, tokenizer=tokenizer)
     typer.echo(str(report))
     typer.echo(f"wrote {output}" + ("" if tokenizer is not None else " (the source had no tokenizer; inspect needs one)"))
+    if reference is not None:
+        from .fidelity import fidelity as measure, read_texts
+
+        texts = read_texts()
+        _print_fidelity([("compressed", measure(dense, reference, tokenizer, texts))], len(texts), "built-in sentences")
 
 
 @app.command()
@@ -291,6 +303,107 @@ def experiment(
     typer.echo(f"wrote {result['table']}, {result['results']} and {result['plot']}")
 
 
+@app.command()
+@_friendly
+def calibrate(
+    path: Path = typer.Argument(..., help="A folder written by `asg compress`."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for the calibrated model (an ordinary ASG folder)."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="The uncompressed model. Default: the source recorded in PATH."),
+    text: Optional[list[str]] = typer.Option(None, "--text", help="Text file(s), one text a line. Default: Python's language reference."),
+    eval_text: Optional[Path] = typer.Option(None, "--eval-text", help="Held-out text for the fidelity table. Default: built-in sentences."),
+    steps: int = typer.Option(300, "--steps", help="At most this many training steps (it stops early when held-out loss stalls)."),
+    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate of the codebooks."),
+    anchor: float = typer.Option(0.0, "--anchor", help="Pull towards the original table (e.g. 1.0): less gain on text like "
+                                                       "the calibration text, none lost on other text."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    max_length: int = typer.Option(128, "--max-length", help="Tokens per text."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it is an existing ASG checkpoint."),
+) -> None:
+    """Train only the codebooks so that the compressed model reproduces the original on unlabelled text."""
+    from .calibration import calibrate as run_calibration, default_corpus
+    from .checkpoint import from_pretrained, save_pretrained
+    from .fidelity import fidelity as measure, read_texts
+    from .loading import load_tokenizer
+
+    _check_output(output, overwrite)
+    texts = [t for name in text for t in read_texts(name)] if text else default_corpus()
+    if len(texts) < 2:
+        raise ValueError("calibration needs at least two texts: one part trains, another decides when to stop")
+    shuffled = random.Random(0).sample(texts, len(texts))
+    cut = max(1, len(texts) // 10)
+    heldout, texts = shuffled[:cut], shuffled[cut:]
+    held = read_texts(eval_text)
+    model = from_pretrained(path)
+    tokenizer = load_tokenizer(path)
+    if tokenizer is None:
+        raise ValueError(f"{path} holds no tokenizer; compress with `asg compress`, which saves it")
+    dense = _reference_model(path, reference)
+    before = [measure(model, dense, tokenizer, part) for part in (heldout, held)]
+    result = run_calibration(model, dense, texts, tokenizer=tokenizer, steps=steps, lr=lr, batch_size=batch_size,
+                             max_length=max_length, heldout=heldout, anchor=anchor)
+    model.config.asg["calibration"] = {"steps": result.steps, "best_step": result.best_step, "texts": len(texts),
+                                       "heldout_loss_before": result.heldout_before,
+                                       "heldout_loss_after": result.heldout_after, "lr": lr, "anchor": anchor}
+    save_pretrained(model, output, tokenizer=tokenizer)
+    typer.echo(f"calibrated on {len(texts):,} texts: held-out distillation loss {result.heldout_before:.4g} -> "
+               f"{result.heldout_after:.4g} (best at step {result.best_step} of {result.steps})")
+    after = [measure(model, dense, tokenizer, part) for part in (heldout, held)]
+    _print_fidelity([("before calibration", before[0]), ("after calibration", after[0])], len(heldout),
+                    "the calibration text's held-out part")
+    _print_fidelity([("before calibration", before[1]), ("after calibration", after[1])], len(held),
+                    str(eval_text) if eval_text else "built-in sentences")
+    typer.echo(f"wrote {output}")
+
+
+@app.command()
+@_friendly
+def fidelity(
+    path: Path = typer.Argument(..., help="A folder written by `asg compress` or `asg calibrate`."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="The uncompressed model. Default: the source recorded in PATH."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Held-out text, one text a line. Default: built-in sentences."),
+) -> None:
+    """How closely a compressed folder reproduces the uncompressed model on held-out text."""
+    from .checkpoint import from_pretrained
+    from .fidelity import fidelity as measure, read_texts
+    from .loading import load_tokenizer
+
+    texts = read_texts(text)
+    model = from_pretrained(path)
+    tokenizer = load_tokenizer(path)
+    if tokenizer is None:
+        raise ValueError(f"{path} holds no tokenizer; compress with `asg compress`, which saves it")
+    _print_fidelity([(str(path), measure(model, _reference_model(path, reference), tokenizer, texts))], len(texts),
+                    str(text) if text else "built-in sentences")
+
+
+def _reference_model(path: Path, reference: str | None):
+    """The uncompressed model to compare with: the one named, else the source recorded at compression."""
+    from .checkpoint import read_plan
+    from .loading import load_model
+
+    source = reference or read_plan(path).get("source_model")
+    if not source:
+        raise ValueError(f"{path} does not record the model it was compressed from; pass --reference MODEL")
+    if reference is None and source.startswith(("/", ".", "~")) and not Path(source).expanduser().exists():
+        raise ValueError(f"the source model recorded in {path} ({source}) is not there any more; "
+                         "pass --reference MODEL")
+    return load_model(source).eval()
+
+
+def _print_fidelity(rows: list, count: int, where: str) -> None:
+    generative = rows[0][1]["kind"] == "generative"
+    typer.echo(f"fidelity to the uncompressed model on {count} held-out texts ({where}):")
+    if generative:
+        typer.echo(f"  {'model':28}{'next-token KL':>14}{'top-1 agree':>13}{'perplexity':>12}{'reference':>11}")
+        for name, row in rows:
+            typer.echo(f"  {name:28}{row['kl']:>14.4f}{row['top1_agreement']:>13.3f}{row['perplexity']:>12.2f}"
+                       f"{row['reference_perplexity']:>11.2f}")
+    else:
+        typer.echo(f"  {'model':28}{'mean cosine':>12}{'min cosine':>12}")
+        for name, row in rows:
+            typer.echo(f"  {name:28}{row['mean_cosine']:>12.4f}{row['min_cosine']:>12.4f}")
+
+
 def _print_results(summary: dict, run) -> None:
     metric = summary["main_metric"]
     typer.echo(f"{summary['task']}: {metric} by evaluation language")
@@ -304,7 +417,7 @@ def _split_list(text: str | None) -> list[str] | None:
     return [part.strip() for part in text.split(",") if part.strip()] if text else None
 
 
-def _method_config(method, vocab_size, dim, budget, *, k, m, shared, targets, backend, seed, niter):
+def _method_config(method, vocab_size, dim, budget, *, k, m, shared, targets, backend, seed, niter, weights=None):
     """The config `asg compress` builds from its options, saying on stderr what it chose and why."""
     from .baselines import METHODS, config_for_budget
     from .config import ASGConfig, suggest_k_m
@@ -321,7 +434,9 @@ def _method_config(method, vocab_size, dim, budget, *, k, m, shared, targets, ba
         if k is None:
             k = config_for_budget("asg", vocab_size, dim, fraction, m=m).k if fraction is not None else default_k
         return ASGConfig(k=k, m=m, codebook="shared" if shared else "separate", targets=targets, niter=niter,
-                         seed=seed, backend=backend)
+                         seed=seed, backend=backend, weights=weights)
+    if weights is not None:
+        raise ValueError(f"--weights applies to ASG only, not to --method {method}")
     fraction = fraction if fraction is not None else {"sg": 0.4, "lowrank": 0.01}.get(method, 0.01)
     options = {"niter": niter, "seed": seed, "backend": backend} if method == "sg" else {}
     return config_for_budget(method, vocab_size, dim, fraction, targets=targets, **options)

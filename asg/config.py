@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 CODEBOOKS = ("separate", "shared")
@@ -47,8 +47,16 @@ class SerializableConfig:
     """JSON round trip for the config dataclasses of every method, through an allow-list of fields."""
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the settings (tuples become lists)."""
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+        """A JSON-ready dict of the settings (tuples become lists; an array of weights is recorded as "array")."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = list(value)
+            elif f.name == "weights" and value is not None and not isinstance(value, str):
+                value = "array"
+            out[f.name] = value
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
@@ -67,6 +75,8 @@ class ASGConfig(SerializableConfig):
     `codebook="separate"` learns one codebook per segment (the paper's E', m·k rows);
     `"shared"` pools every segment into one codebook of k rows (paper section 3.3).
     `targets` names the tables to replace: the input embedding, the output head, or both.
+    `weights` makes k-means count each token by how often it occurs: "wordfreq" or "wordfreq:LANG"
+    (the wordfreq package), the path of a counts file, or an array with one weight per token.
     """
 
     k: int
@@ -76,6 +86,7 @@ class ASGConfig(SerializableConfig):
     niter: int = 25
     seed: int = 0
     backend: str = "faiss"
+    weights: Any = field(default=None, compare=False, repr=False)
 
     version: ClassVar[int] = 1
     method: ClassVar[str] = "asg"
@@ -96,6 +107,8 @@ class ASGConfig(SerializableConfig):
             raise ValueError(f"unknown codebook {self.codebook!r}: use 'separate' (one codebook per segment) or 'shared' (one for all)")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}: use 'faiss' (default) or 'torch' (no faiss needed, runs on GPU)")
+        if isinstance(self.weights, str) and not self.weights.strip():
+            raise ValueError("weights is an empty string: give 'wordfreq', 'wordfreq:LANG', a counts file or an array")
 
     @property
     def shared(self) -> bool:

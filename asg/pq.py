@@ -57,12 +57,14 @@ def fit(
     backend: str = "faiss",
     progress: bool = False,
     desc: str = "k-means",
+    weights=None,
 ) -> PQFit:
     """Fit product-quantization codebooks to `matrix` (V, D) by per-segment k-means and encode every row.
 
     `backend="faiss"` runs faiss k-means segment by segment; `"torch"` runs all segments at once as a
     batched k-means on the matrix's device (a GPU where the tensor lives there). Same seed and input give
     the same codes. Inputs larger than 256·k points are subsampled (seeded) for training only.
+    `weights` (V,), non-negative, makes each row count as much as its weight (weighted k-means).
     """
     if codebook not in ("separate", "shared"):
         raise ValueError(f"unknown codebook {codebook!r}: use 'separate' or 'shared'")
@@ -74,14 +76,30 @@ def fit(
     points = num_rows * m if codebook == "shared" else num_rows
     if not 2 <= k <= points:
         raise ValueError(f"k={k} must be between 2 and the number of points to cluster ({points})")
+    weights = check_weights(weights, num_rows)
     if backend == "faiss" and not _have_faiss():
         _warn_no_faiss()
         backend = "torch"
     if backend == "faiss":
         x = _as_numpy32(matrix)
-        return _fit_faiss(x, k, m, codebook, niter, seed, progress, desc)
+        return _fit_faiss(x, k, m, codebook, niter, seed, progress, desc, weights)
     x = _as_torch32(matrix)
-    return _fit_torch(x, k, m, codebook, niter, seed, progress, desc)
+    return _fit_torch(x, k, m, codebook, niter, seed, progress, desc, weights)
+
+
+def check_weights(weights, num_rows: int) -> np.ndarray | None:
+    """`weights` as float32 (V,), or None; ValueError unless there is one finite, non-negative weight per row
+    and at least one is positive."""
+    if weights is None:
+        return None
+    w = np.asarray(weights.detach().cpu() if isinstance(weights, torch.Tensor) else weights, dtype=np.float64)
+    if w.shape != (num_rows,):
+        raise ValueError(f"weights must hold one number per row: expected shape ({num_rows},), got {w.shape}")
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise ValueError("weights must be finite and non-negative (a token's count or frequency)")
+    if w.sum() <= 0:
+        raise ValueError("weights are all zero: at least one row must count")
+    return (w / w.max()).astype(np.float32)
 
 
 def decode(codebooks, codes):
@@ -120,7 +138,7 @@ def relative_error(matrix, reconstruction) -> float:
 # --- faiss backend -----------------------------------------------------------------------------
 
 
-def _fit_faiss(x: np.ndarray, k, m, codebook, niter, seed, progress, desc) -> PQFit:
+def _fit_faiss(x: np.ndarray, k, m, codebook, niter, seed, progress, desc, weights) -> PQFit:
     import faiss
 
     num_rows, dim = x.shape
@@ -128,9 +146,9 @@ def _fit_faiss(x: np.ndarray, k, m, codebook, niter, seed, progress, desc) -> PQ
     if codebook == "shared":
         pooled = x.reshape(num_rows * m, sub)
         with tqdm(total=2, desc=f"{desc} (shared, faiss)", disable=not progress) as bar:
-            train = pooled[_training_sample(len(pooled), k, seed)]
+            sample = _training_sample(len(pooled), k, seed)
             km = _faiss_kmeans(faiss, sub, k, niter, seed)
-            km.train(train)
+            km.train(pooled[sample], weights=None if weights is None else np.repeat(weights, m)[sample])
             bar.update()
             _, idx = km.index.search(pooled, 1)
             bar.update()
@@ -142,7 +160,7 @@ def _fit_faiss(x: np.ndarray, k, m, codebook, niter, seed, progress, desc) -> PQ
     for i in tqdm(range(m), desc=f"{desc} (faiss)", unit="segment", disable=not progress):
         segment = np.ascontiguousarray(x[:, i * sub : (i + 1) * sub])
         km = _faiss_kmeans(faiss, sub, k, niter, seed + i)
-        km.train(segment)
+        km.train(segment, weights=weights)
         _, idx = km.index.search(segment, 1)
         codebooks[i] = km.centroids.reshape(k, sub)
         codes[:, i] = idx[:, 0]
@@ -160,7 +178,7 @@ def _faiss_kmeans(faiss, dim, k, niter, seed):
 # --- torch backend -----------------------------------------------------------------------------
 
 
-def _fit_torch(x: torch.Tensor, k, m, codebook, niter, seed, progress, desc) -> PQFit:
+def _fit_torch(x: torch.Tensor, k, m, codebook, niter, seed, progress, desc, weights) -> PQFit:
     num_rows, dim = x.shape
     sub = dim // m
     gen = torch.Generator(device=x.device).manual_seed(seed)
@@ -169,8 +187,14 @@ def _fit_torch(x: torch.Tensor, k, m, codebook, niter, seed, progress, desc) -> 
     else:
         points = x.reshape(num_rows, m, sub).transpose(0, 1).contiguous()  # (m, V, D/m): one copy of the input
     sample = _training_sample(points.shape[1], k, seed)
-    train = points if len(sample) == points.shape[1] else points[:, torch.as_tensor(sample, device=x.device)]
-    centroids = _kmeans(train, k, niter, gen, progress, f"{desc} ({'shared, ' if codebook == 'shared' else ''}torch)")
+    subsampled = len(sample) < points.shape[1]
+    train = points[:, torch.as_tensor(sample, device=x.device)] if subsampled else points
+    point_weights = None
+    if weights is not None:
+        point_weights = torch.from_numpy(np.repeat(weights, m) if codebook == "shared" else weights).to(x.device)
+        point_weights = point_weights[torch.as_tensor(sample, device=x.device)] if subsampled else point_weights
+    centroids = _kmeans(train, k, niter, gen, progress, f"{desc} ({'shared, ' if codebook == 'shared' else ''}torch)",
+                        point_weights)
     codes = _assign(points, centroids)  # (m, V), or (1, V·m) for the pooled segments
     codes = codes.reshape(num_rows, m) if codebook == "shared" else codes.T
     codebooks = centroids[0] if codebook == "shared" else centroids
@@ -186,16 +210,23 @@ def _encode(x: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     return _assign(x.reshape(1, num_rows * m, sub), codebooks[None]).reshape(num_rows, m)
 
 
-def _kmeans(x: torch.Tensor, k: int, niter: int, gen: torch.Generator, progress: bool, desc: str) -> torch.Tensor:
-    """Batched Lloyd k-means: x (S, N, d) -> centroids (S, k, d), one clustering per leading index."""
+def _kmeans(x: torch.Tensor, k: int, niter: int, gen: torch.Generator, progress: bool, desc: str,
+            weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Batched Lloyd k-means: x (S, N, d) -> centroids (S, k, d), one clustering per leading index;
+    `weights` (N,) weighs every point (the same in each of the S clusterings)."""
     batch, num, dim = x.shape
     init = torch.randperm(num, generator=gen, device=x.device)[:k]  # the same k distinct points in every segment
     centroids = x[:, init].clone()
-    ones = torch.ones(1, 1, device=x.device, dtype=x.dtype).expand(batch, num)
+    if weights is None:
+        mass = torch.ones(1, 1, device=x.device, dtype=x.dtype).expand(batch, num)
+        weighted = x
+    else:
+        mass = weights.to(x.dtype)[None, :].expand(batch, num)
+        weighted = x * mass[..., None]
     for _ in tqdm(range(niter), desc=desc, unit="iter", disable=not progress):
         assign = _assign(x, centroids)
-        sums = torch.zeros_like(centroids).scatter_add_(1, assign[..., None].expand(-1, -1, dim), x)
-        counts = torch.zeros(batch, k, device=x.device, dtype=x.dtype).scatter_add_(1, assign, ones)
+        sums = torch.zeros_like(centroids).scatter_add_(1, assign[..., None].expand(-1, -1, dim), weighted)
+        counts = torch.zeros(batch, k, device=x.device, dtype=x.dtype).scatter_add_(1, assign, mass)
         centroids = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], centroids)
         _split_empty_clusters(centroids, counts, gen)
     return centroids

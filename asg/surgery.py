@@ -26,10 +26,11 @@ FORMAT_VERSION = 1
 INPUT, OUTPUT = "input", "output"
 
 
-def compress(model: nn.Module, config, *, progress: bool = True) -> CompressionReport:
+def compress(model: nn.Module, config, *, tokenizer=None, progress: bool = True) -> CompressionReport:
     """Replace the model's input embedding (and output head, if targeted) by compressed tables, in place.
 
     `config` is an `ASGConfig`, or the config of a baseline (`asg.baselines`): the method follows from it.
+    `tokenizer` is needed only to resolve frequency weights given by name (`ASGConfig(weights="wordfreq")`).
     """
     from . import __version__
 
@@ -48,6 +49,9 @@ def compress(model: nn.Module, config, *, progress: bool = True) -> CompressionR
     if head is not None and OUTPUT in config.targets:
         config.validate_for(*head.weight.shape, "output head")
 
+    options = {}
+    if getattr(config, "weights", None) is not None:
+        options["weights"] = _token_weights(config.weights, tokenizer, embedding.weight.shape[0])
     params_before = count_parameters(model)
     tied = head is not None and _same_tensor(head.weight, embedding.weight)
     tables: dict[str, dict[str, Any]] = {}
@@ -59,7 +63,7 @@ def compress(model: nn.Module, config, *, progress: bool = True) -> CompressionR
             locations = _input_locations(model, embedding)
             new_input, errors[INPUT] = fitter(config, embedding.weight, INPUT, progress,
                                               padding_idx=embedding.padding_idx,
-                                              embed_scale=getattr(embedding, "embed_scale", None))
+                                              embed_scale=getattr(embedding, "embed_scale", None), **options)
             for path in locations:
                 weight = model.get_submodule(path).weight
                 dense.setdefault(weight.data_ptr(), weight)
@@ -70,7 +74,7 @@ def compress(model: nn.Module, config, *, progress: bool = True) -> CompressionR
             if tied and new_input is not None:
                 table = new_input
             else:
-                table, errors[OUTPUT] = fitter(config, head.weight, OUTPUT, progress)
+                table, errors[OUTPUT] = fitter(config, head.weight, OUTPUT, progress, **options)
                 dense.setdefault(head.weight.data_ptr(), head.weight)
             tables[OUTPUT] = {"locations": locations, **table.spec(), "tied": table is new_input,
                               "bias": head.bias is not None, "dense_element_size": head.weight.element_size()}
@@ -229,12 +233,24 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
 # --- building and placing modules ----------------------------------------------------------------
 
 
-def _fit_asg(config: ASGConfig, weight: torch.Tensor, name: str, progress: bool, **kwargs) -> tuple[ASGEmbedding, float]:
+def _fit_asg(config: ASGConfig, weight: torch.Tensor, name: str, progress: bool, weights=None,
+             **kwargs) -> tuple[ASGEmbedding, float]:
+    if weights is not None and len(weights) != weight.shape[0]:
+        raise ValueError(f"the {name} table has {weight.shape[0]} rows but the weights have {len(weights)}; "
+                         "compress that table unweighted (targets) or give weights for its vocabulary")
     fit = pq.fit(weight, config.k, config.m, codebook=config.codebook, niter=config.niter, seed=config.seed,
-                 backend=config.backend, progress=progress, desc=f"k-means {name}")
+                 backend=config.backend, progress=progress, desc=f"k-means {name}", weights=weights)
     module = ASGEmbedding.from_pq(fit.codebooks, fit.codes, dtype=weight.dtype, device=weight.device, **kwargs)
     error = pq.relative_error(weight, pq.decode(fit.codebooks, fit.codes))
     return module, error
+
+
+def _token_weights(weights, tokenizer, vocab_size: int):
+    if isinstance(weights, str):
+        from .frequency import token_weights
+
+        return token_weights(weights, tokenizer, vocab_size)
+    return pq.check_weights(weights, vocab_size)
 
 
 _FITTERS: dict[type, Callable] = {ASGConfig: _fit_asg}

@@ -1,0 +1,91 @@
+"""Token weights for frequency-aware fitting: how often each vocabulary row's token occurs in text.
+
+Sources: `"wordfreq"` or `"wordfreq:en,de"` (the `wordfreq` package's frequency lists, for the given
+languages; sub-word markers such as "##", "▁" and "Ġ" are stripped before the look-up), or the path of
+a counts file (`token<TAB>count` per line, or a JSON object {token: count}). Every token also gets a
+small floor, so that no row is ignored outright.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+FLOOR = 1e-7  # the weight of a token never seen: about one occurrence in ten million words
+_MARKERS = ("##", "▁", "Ġ", "Ċ")
+
+
+def token_weights(source: str, tokenizer, vocab_size: int, *, floor: float = FLOOR) -> np.ndarray:
+    """Weights (V,) for the tokenizer's vocabulary, from a frequency source (see the module docstring)."""
+    if tokenizer is None:
+        raise ValueError(f"weights={source!r} needs the model's tokenizer: asg.compress(model, config, tokenizer=tok)")
+    if source == "wordfreq" or source.startswith("wordfreq:"):
+        langs = [lang.strip() for lang in source.partition(":")[2].split(",") if lang.strip()] or ["en"]
+        freqs = _wordfreq(tokenizer, vocab_size, langs)
+    else:
+        freqs = _counts_file(Path(source), tokenizer, vocab_size)
+    return freqs + floor
+
+
+def _vocabulary(tokenizer, vocab_size: int) -> list[str | None]:
+    tokens: list[str | None] = [None] * vocab_size
+    for token, index in tokenizer.get_vocab().items():
+        if 0 <= index < vocab_size:
+            tokens[index] = token
+    return tokens
+
+
+def _wordfreq(tokenizer, vocab_size: int, langs: list[str]) -> np.ndarray:
+    try:
+        import wordfreq
+    except ImportError:
+        raise ValueError("weights='wordfreq' needs the wordfreq package: pip install wordfreq "
+                         "(or pip install 'asg[freq]')") from None
+    special = set(getattr(tokenizer, "all_special_tokens", []))
+    freqs = np.zeros(vocab_size)
+    for index, token in enumerate(_vocabulary(tokenizer, vocab_size)):
+        if token is None or token in special:
+            continue
+        word = token
+        for marker in _MARKERS:
+            word = word.replace(marker, "")
+        if word:
+            freqs[index] = sum(wordfreq.word_frequency(word, lang) for lang in langs) / len(langs)
+    return freqs
+
+
+def _counts_file(path: Path, tokenizer, vocab_size: int) -> np.ndarray:
+    if not path.exists():
+        raise ValueError(f"weights: {path} does not exist; give 'wordfreq', 'wordfreq:LANG' or a counts file "
+                         "(token<TAB>count per line, or a JSON object)")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("{"):
+        try:
+            counts = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    else:
+        counts = {}
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            token, sep, count = line.rstrip("\n").rpartition("\t")
+            try:
+                counts[token] = float(count)
+            except ValueError:
+                raise ValueError(f"{path}, line {number}: expected TOKEN<TAB>COUNT, got {line!r}") from None
+            if not sep:
+                raise ValueError(f"{path}, line {number}: expected TOKEN<TAB>COUNT, got {line!r}")
+    index = tokenizer.get_vocab()
+    freqs = np.zeros(vocab_size)
+    for token, count in counts.items():
+        if not isinstance(count, (int, float)) or count < 0:
+            raise ValueError(f"{path}: the count of {token!r} must be a non-negative number, got {count!r}")
+        if token in index and index[token] < vocab_size:
+            freqs[index[token]] += count
+    total = freqs.sum()
+    if total <= 0:
+        raise ValueError(f"{path}: none of its tokens is in the model's vocabulary")
+    return freqs / total
