@@ -8,7 +8,7 @@
 
 __version__ = "0.1.0"
 
-from . import baselines, pq
+from . import baselines, hf, pq
 from .calibration import calibrate
 from .checkpoint import from_pretrained, read_plan, save_pretrained
 from .config import ASGConfig

@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .hf import INDEX_NAME, write_notice_index
 from .loading import architecture_class
 from .modules import CompressedEmbedding
 from .surgery import FORMAT_VERSION, is_compressed, rebuild
@@ -53,8 +54,11 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, tokenizer=None
         tensors, aliases = _unique_tensors(model)
         metadata = {"format": "pt", "asg_format_version": str(FORMAT_VERSION), "asg_aliases": json.dumps(aliases)}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
+        write_notice_index(tmp, sorted(tensors))
+        _point_transformers_at_the_notice(tmp / CONFIG_NAME)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        _usual_permissions(tmp)
         _move_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -147,6 +151,22 @@ def check_replaceable(path: Path) -> None:
         except ValueError:
             raise ValueError(f"{path} exists and is not an ASG checkpoint; refusing to replace it. "
                              "Choose a new folder or remove it first") from None
+
+
+def _point_transformers_at_the_notice(config_file: Path) -> None:
+    """Name the notice index as this folder's weights for plain transformers (which drops the field when it saves)."""
+    config = json.loads(config_file.read_text())
+    config["transformers_weights"] = INDEX_NAME
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _usual_permissions(folder: Path) -> None:
+    """The modes a plain mkdir and open would give (mkdtemp and safetensors make them private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for item in folder.rglob("*"):
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
 
 
 def _move_into_place(tmp: Path, path: Path) -> None:

@@ -48,14 +48,39 @@ class CompressedEmbedding(nn.Module):
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.padding_idx = padding_idx  # kept for code that reads it; rows are shared, so it is not masked
-        if embed_scale is not None:
-            self.register_buffer("embed_scale", torch.as_tensor(embed_scale).to(device), persistent=False)
-        else:
-            self.embed_scale = None
+        # A number, not a buffer: models built on the meta device (transformers' loading) never fill
+        # non-persistent buffers that they do not know.
+        self.embed_scale = None if embed_scale is None else float(embed_scale)
 
     def lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Rows (..., D) of the reconstructed table for ids (...,), computed from only the state they need."""
         raise NotImplementedError
+
+    # One table may sit at several places of a model (T5's shared/encoder/decoder tables, a tied head).
+    # Its tensors then appear in the state dict once, at the first place, so that every writer (ours,
+    # transformers', Trainer's) stores them once and every loader finds them there.
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        saved = getattr(destination, "_asg_saved_tables", None)
+        if saved is None:
+            saved = set()
+            try:  # torch's own state dicts are OrderedDicts that take attributes; a plain dict falls back below
+                destination._asg_saved_tables = saved
+            except AttributeError:
+                if any(_same_storage(t, v) for t in self._parameters.values() for v in destination.values()):
+                    return
+        if id(self) in saved:
+            return  # already saved at an earlier place
+        saved.add(id(self))
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        names = list(self._parameters) + [n for n in self._buffers if n not in self._non_persistent_buffers_set]
+        if not any(prefix + name in state_dict for name in names):
+            return  # a later place of a table loaded at its first place
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -64,8 +89,8 @@ class CompressedEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.lookup(input_ids)
-        if self.embed_scale is not None:
-            out = out * self.embed_scale.to(out.dtype)
+        if self.embed_scale is not None:  # as Gemma does: the scale as float32, then in the table's dtype
+            out = out * torch.tensor(self.embed_scale, dtype=torch.float32, device=out.device).to(out.dtype)
         return out
 
     def logits(self, hidden: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,7 +100,7 @@ class CompressedEmbedding(nn.Module):
     def spec(self) -> dict[str, Any]:
         """What `from_spec` needs to build an empty module of the same shape (JSON-ready)."""
         return {"kind": self.kind, "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
-                "padding_idx": self.padding_idx, "value_count": self.value_count(),
+                "padding_idx": self.padding_idx, "embed_scale": self.embed_scale, "value_count": self.value_count(),
                 "index_bytes": self.index_bytes(), "storage_bytes": self.storage_bytes()}
 
     @staticmethod
@@ -101,6 +126,11 @@ class CompressedEmbedding(nn.Module):
     def storage_bytes(self) -> int:
         """Bytes of everything the module saves."""
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+
+def _same_storage(a: torch.Tensor, b) -> bool:
+    return (isinstance(b, torch.Tensor) and not a.is_meta and a.data_ptr() == b.data_ptr() and a.shape == b.shape
+            and a.dtype == b.dtype)
 
 
 class ASGEmbedding(CompressedEmbedding):
@@ -134,8 +164,6 @@ class ASGEmbedding(CompressedEmbedding):
         rows = k if shared else m * k
         self.codebooks = nn.Parameter(torch.zeros(rows, embedding_dim // m, dtype=dtype, device=device))
         self.register_buffer("codes", torch.zeros(num_embeddings, m, dtype=index_dtype(k), device=device))
-        offsets = torch.zeros(m, dtype=torch.long) if shared else torch.arange(m) * k
-        self.register_buffer("segment_offsets", offsets.to(device), persistent=False)
         self._path_times: dict[int, dict[str, float]] = {}  # logits: seconds per row of each path, by size class
 
     @classmethod
@@ -165,7 +193,11 @@ class ASGEmbedding(CompressedEmbedding):
 
     def concept_ids(self) -> torch.Tensor:
         """The paper's ConceptIDs (V, m) long: row i·k + s_i of E' (s_i itself for a shared codebook)."""
-        return self.codes.long() + self.segment_offsets
+        return self.codes.long() + self._offsets()
+
+    def _offsets(self) -> torch.Tensor:
+        """i·k for each segment i: where segment i's codebook starts in E' (all 0 for a shared codebook)."""
+        return torch.arange(self.m, device=self.codes.device) * self._step()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -178,7 +210,7 @@ class ASGEmbedding(CompressedEmbedding):
         """Rows (n, D) for `ids` (every token when None): the C gather on CPU float32, else torch indexing."""
         if self.codebooks.device.type == "cpu" and self.codebooks.dtype == torch.float32 and kernels.available():
             return _GatherRows.apply(self.codebooks, self.codes, self._step(), ids)
-        concept_ids = self.concept_ids() if ids is None else self.codes[ids.reshape(-1)].long() + self.segment_offsets
+        concept_ids = self.concept_ids() if ids is None else self.codes[ids.reshape(-1)].long() + self._offsets()
         return F.embedding(concept_ids, self.codebooks).flatten(-2)
 
     def logits(self, hidden: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

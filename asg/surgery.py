@@ -97,6 +97,7 @@ def compress(model: nn.Module, config, *, tokenizer=None, progress: bool = True)
         reconstruction_error=errors,
         tables=tables,
     )
+    _mark_for_transformers(model)
     model.config.asg = {
         "format_version": FORMAT_VERSION,
         "asg_version": __version__,
@@ -133,7 +134,7 @@ def rebuild(model: nn.Module, plan: dict[str, Any]) -> None:
     if INPUT in tables:
         entry = tables[INPUT]
         dense = model.get_submodule(entry["locations"][0])
-        new_input = _empty_like(entry, dense, embed_scale=getattr(dense, "embed_scale", None))
+        new_input = _empty_like(entry, dense)
         for path in entry["locations"]:
             _set_submodule(model, path, new_input)
     if OUTPUT in tables:
@@ -144,6 +145,7 @@ def rebuild(model: nn.Module, plan: dict[str, Any]) -> None:
         for path in entry["locations"]:
             _set_submodule(model, path, new_head)
     _declare_ties(model, tables)
+    _mark_for_transformers(model)
     model.config.asg = plan
 
 
@@ -257,9 +259,9 @@ _FITTERS: dict[type, Callable] = {ASGConfig: _fit_asg}
 _METHODS: dict[str, type] = {"asg": ASGConfig}
 
 
-def _empty_like(entry: dict[str, Any], dense: nn.Module, embed_scale=None) -> CompressedEmbedding:
+def _empty_like(entry: dict[str, Any], dense: nn.Module) -> CompressedEmbedding:
     return CompressedEmbedding.from_spec(entry, dtype=dense.weight.dtype, device=dense.weight.device,
-                                         embed_scale=embed_scale)
+                                         embed_scale=entry.get("embed_scale"))
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -268,20 +270,78 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, name, module)
 
 
+def _mark_for_transformers(model: nn.Module) -> None:
+    """Record in the config what transformers needs to load the saved folder again (see asg.hf), and give
+    the model a `resize_token_embeddings` that understands its compressed tables."""
+    import types
+
+    from .hf import ASGQuantizationConfig
+
+    model.config.quantization_config = ASGQuantizationConfig()
+    model.resize_token_embeddings = types.MethodType(resize_token_embeddings, model)
+
+
+def resize_token_embeddings(model: nn.Module, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                            mean_resizing: bool = True) -> nn.Module:
+    """Resize a compressed model's vocabulary, as transformers' method of the same name does for dense tables:
+    each new token gets codes by encoding an initial vector (drawn from the old rows' mean and covariance,
+    or their mean) against the existing codebooks; removing tokens drops their codes. Returns the input table."""
+    tables = model.config.asg["tables"]
+    if new_num_tokens is None:
+        return model.get_input_embeddings()
+    if pad_to_multiple_of:
+        new_num_tokens = -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
+    if new_num_tokens < 1:
+        raise ValueError(f"new_num_tokens={new_num_tokens} must be at least 1")
+    modules = {name: model.get_submodule(entry["locations"][0]) for name, entry in tables.items()}
+    for name, module in modules.items():
+        table = module if name == INPUT else module.embedding
+        if not isinstance(table, ASGEmbedding):
+            raise ValueError(f"resize_token_embeddings supports ASG tables, not {type(table).__name__}: resize the "
+                             "dense model first (model.resize_token_embeddings, then asg.compress)")
+    resized = set()
+    for name, module in modules.items():
+        table = module if name == INPUT else module.embedding
+        if id(table) not in resized:
+            _resize_table(table, new_num_tokens, mean_resizing)
+            resized.add(id(table))
+        if name == OUTPUT:
+            module.out_features = new_num_tokens
+            if module.bias is not None:
+                old = module.bias.data
+                bias = torch.zeros(new_num_tokens, dtype=old.dtype, device=old.device)
+                bias[: min(len(old), new_num_tokens)] = old[:new_num_tokens]
+                module.bias.data = bias
+        tables[name].update(table.spec())
+    model.config.vocab_size = new_num_tokens
+    return model.get_input_embeddings()
+
+
+def _resize_table(table: ASGEmbedding, count: int, mean_resizing: bool) -> None:
+    old = table.num_embeddings
+    codes = table.codes
+    if count <= old:
+        table.codes = codes[:count].clone()
+    else:
+        with torch.no_grad():
+            rows = table.weight.float()
+            mean = rows.mean(0)
+            extra = mean.expand(count - old, -1)
+            if mean_resizing:
+                covariance = torch.cov(rows.T) + 1e-6 * torch.eye(rows.shape[1], device=rows.device)
+                extra = torch.distributions.MultivariateNormal(mean, covariance_matrix=covariance).sample((count - old,))
+            codebooks = table.codebooks.detach().float()
+            if not table.shared:
+                codebooks = codebooks.view(table.m, table.k, table.segment_dim)
+            new_codes = torch.as_tensor(pq.encode(codebooks, extra.cpu())).to(codes.device, codes.dtype)
+        table.codes = torch.cat([codes, new_codes])
+    table.num_embeddings = count
+
+
 def _declare_ties(model: nn.Module, tables: dict[str, dict[str, Any]]) -> None:
-    """Tell transformers which tensors are one: ASG ties by sharing one module at several places, and
-    transformers' own `save_pretrained` refuses shared tensors it was not told about. Declarations
-    that name a replaced dense weight are dropped; each extra place of a shared table is declared a
-    tie of its first place."""
-    aliases: dict[str, str] = {}
-    for name, entry in tables.items():
-        places = entry["locations"] if name == INPUT else [f"{loc}.embedding" for loc in entry["locations"]]
-        if name == OUTPUT and entry.get("tied"):
-            places = [tables[INPUT]["locations"][0]] + places
-        table = model.get_submodule(places[0])
-        for place in places[1:]:
-            for tensor in table.state_dict():
-                aliases[f"{place}.{tensor}"] = f"{places[0]}.{tensor}"
+    """Drop transformers' tie declarations that name a replaced dense weight (a tied head's "lm_head.weight"):
+    ASG ties by placing one table module at several places, whose tensors the state dict holds once.
+    Declarations that still hold (BERT's decoder bias) stay."""
     present = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     present |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
     for prefix, sub in model.named_modules():
@@ -291,8 +351,6 @@ def _declare_ties(model: nn.Module, tables: dict[str, dict[str, Any]]) -> None:
                 continue
             full = (lambda key: f"{prefix}.{key}" if prefix else key)
             kept = {t: s for t, s in mapping.items() if full(t) in present and full(s) in present}
-            if sub is model:
-                kept.update(aliases)
             if kept != mapping:
                 setattr(sub, attr, kept)
 

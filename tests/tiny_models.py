@@ -133,7 +133,8 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def write_bert_folder(folder, words, seed: int = 0, model_class=None):
-    """A tiny random BERT (BertModel by default) and a WordPiece tokenizer of specials + `words` + fillers."""
+    """A tiny random model and a WordPiece tokenizer of specials + `words` + fillers: a BERT of `model_class`
+    (BertModel by default), or a GPT-2 when `model_class` is GPT2LMHeadModel."""
     import transformers as tf
 
     vocab = SPECIALS + [w for w in words if w not in SPECIALS]
@@ -141,7 +142,10 @@ def write_bert_folder(folder, words, seed: int = 0, model_class=None):
     tokenizer = tf.BertTokenizer(vocab={token: i for i, token in enumerate(vocab)})
     tokenizer.save_pretrained(folder)
     torch.manual_seed(seed)
-    (model_class or tf.BertModel)(_bert_config()).save_pretrained(folder)
+    if model_class is tf.GPT2LMHeadModel:
+        make_gpt2().save_pretrained(folder)
+    else:
+        (model_class or tf.BertModel)(_bert_config()).save_pretrained(folder)
     return folder
 
 

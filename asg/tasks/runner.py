@@ -216,7 +216,8 @@ def _trainer(model, tokenizer, kind, seq2seq: bool, hp: dict, checkpoints: Path,
                   save_strategy="steps", save_steps=settings.save_steps, save_total_limit=1,
                   logging_steps=max(1, settings.save_steps // 10), report_to=[], seed=hp["seed"],
                   disable_tqdm=not settings.progress, remove_unused_columns=False, eval_strategy="no",
-                  dataloader_pin_memory=_has_accelerator())
+                  dataloader_pin_memory=_has_accelerator(),
+                  use_cpu=not _has_accelerator())  # on CPU, this is what makes torchrun runs distributed (gloo)
     if seq2seq:
         args = transformers.Seq2SeqTrainingArguments(predict_with_generate=True, generation_max_length=64, **common)
         collator = transformers.DataCollatorForSeq2Seq(tokenizer, model=model)

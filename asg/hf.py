@@ -1,0 +1,93 @@
+"""Make ASG folders first-class transformers checkpoints: after `import asg`,
+`AutoModel*.from_pretrained(folder)` returns the compressed model.
+
+This is a thin adapter over transformers' quantization registry (`register_quantization_config`,
+`register_quantizer`), which is semi-internal and changes between versions: it is tested against the
+pinned transformers. A folder's config.json carries `quantization_config = {"quant_method": "asg"}`;
+the quantizer puts empty ASG tables where the config's `asg` section says, before transformers
+loads the weights into them.
+
+Without `import asg`, transformers does not know the "asg" method. It would then skip it and load a
+dense model with random embeddings, so every folder also names, through `transformers_weights`, an
+index whose only shard is called `ASG_NOTICE`: plain transformers stops on that missing file, and its
+name says what to do. The quantizer points transformers back at the real weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+METHOD = "asg"
+INDEX_NAME = "asg.safetensors.index.json"
+ASG_NOTICE = "this-is-an-ASG-checkpoint--pip-install-asg-and-import-asg-before-from_pretrained.safetensors"
+
+
+@register_quantization_config(METHOD)
+class ASGQuantizationConfig(QuantizationConfigMixin):
+    """The `quantization_config` of an ASG folder; the tables themselves are described by the config's `asg` section."""
+
+    def __init__(self, format_version: int = 1, **kwargs) -> None:
+        self.quant_method = METHOD
+        self.format_version = format_version
+        self.note = "Aggregate Semantic Grouping checkpoint: pip install asg, then import asg before from_pretrained"
+
+    def to_dict(self) -> dict:
+        return {"quant_method": METHOD, "format_version": self.format_version, "note": self.note}
+
+
+@register_quantizer(METHOD)
+class ASGQuantizer(HfQuantizer):
+    """Builds the ASG tables recorded in the config before transformers loads an ASG folder's weights."""
+
+    requires_calibration = False
+
+    def update_attn_implementation(self, config):
+        # The only hook that sees the config before transformers builds the model and picks the weights
+        # file: point it at the real weights instead of the notice index that stops plain transformers,
+        # and restore the tying the folder was saved with (transformers 5 reads T5 configs back tied).
+        if getattr(config, "transformers_weights", None) == INDEX_NAME:
+            config.transformers_weights = None
+        plan = getattr(config, "asg", None)
+        if isinstance(plan, dict) and plan.get("tie_word_embeddings") is not None:
+            config.tie_word_embeddings = plan["tie_word_embeddings"]
+        return super().update_attn_implementation(config)
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        from .checkpoint import _adapt_plan, _renamer  # noqa: F401  (same family, other head: as asg.from_pretrained)
+        from .loading import architecture_class
+        from .surgery import rebuild
+
+        plan = getattr(model.config, "asg", None)
+        if not isinstance(plan, dict):
+            raise ValueError("this checkpoint's config names the asg quantization method but has no 'asg' section; "
+                             "write it with asg.save_pretrained")
+        saved = architecture_class(model.config)
+        if saved is not None and type(model) is not saved:
+            locations = [loc for entry in plan["tables"].values() for loc in entry["locations"]]
+            plan = _adapt_plan(plan, model, saved, dict.fromkeys(locations), "this checkpoint")
+        rebuild(model, plan)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        return model
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return False  # already compressed: the stored tensors load as they are
+
+    def is_serializable(self, safe_serialization=None) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+def write_notice_index(folder: Path, tensor_names: list[str]) -> None:
+    """The index that plain transformers reads instead of the weights (see the module docstring)."""
+    index = {"metadata": {"note": ASGQuantizationConfig().note},
+             "weight_map": {name: ASG_NOTICE for name in tensor_names}}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))

@@ -1,0 +1,202 @@
+"""ASG folders as ordinary transformers checkpoints: Auto classes, pipelines, resizing, a checkpoint kept
+from this version, and a two-process run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from safetensors.torch import load_file
+
+import asg
+from tiny_models import VOCAB, build, outputs, sample_inputs, write_bert_folder
+
+DATA = Path(__file__).parent / "data"
+WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "father", "mother", "paris", "rome", "good", "bad"]
+
+AUTO = {"bert": tf.AutoModelForMaskedLM, "bert-base": tf.AutoModel, "xlmr": tf.AutoModelForMaskedLM,
+        "t5": tf.AutoModelForSeq2SeqLM, "mt5": tf.AutoModelForSeq2SeqLM, "gpt2": tf.AutoModelForCausalLM,
+        "llama": tf.AutoModelForCausalLM, "gemma3": tf.AutoModelForCausalLM}
+
+
+@pytest.mark.parametrize("arch", sorted(AUTO))
+def test_auto_classes_load_an_asg_folder_bit_identically(arch, tmp_path):
+    model = build(arch)
+    asg.compress(model, asg.ASGConfig(k=16, m=8), progress=False)
+    asg.save_pretrained(model, tmp_path / "ckpt")
+    through_transformers = AUTO[arch].from_pretrained(tmp_path / "ckpt")
+    ours = asg.from_pretrained(tmp_path / "ckpt")
+    inputs = sample_inputs(arch)
+    assert torch.equal(outputs(through_transformers, inputs), outputs(ours, inputs))
+    assert isinstance(through_transformers.get_input_embeddings(), asg.ASGEmbedding)
+    assert through_transformers.config.asg["format_version"] == 1
+    head = through_transformers.get_output_embeddings()
+    if head is not None and arch in ("bert", "xlmr", "t5", "gpt2", "gemma3"):
+        assert head.embedding is through_transformers.get_input_embeddings()  # tied stays tied
+
+
+def test_transformers_own_save_of_a_loaded_model_loads_again(tmp_path):
+    model = build("gpt2")
+    asg.compress(model, asg.ASGConfig(k=16, m=8), progress=False)
+    asg.save_pretrained(model, tmp_path / "ckpt")
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    loaded.save_pretrained(tmp_path / "again")
+    again = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    inputs = sample_inputs("gpt2")
+    assert torch.equal(outputs(again, inputs), outputs(model, inputs))
+
+
+def test_without_import_asg_loading_stops_with_what_to_do(tmp_path):
+    model = build("bert")
+    asg.compress(model, asg.ASGConfig(k=16, m=8), progress=False)
+    asg.save_pretrained(model, tmp_path / "ckpt")
+    code = f"from transformers import AutoModelForMaskedLM; AutoModelForMaskedLM.from_pretrained({str(tmp_path / 'ckpt')!r})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert done.returncode != 0
+    assert "pip-install-asg-and-import-asg-before-from_pretrained" in done.stderr
+    assert "size mismatch" not in done.stderr
+
+
+# --- pipelines --------------------------------------------------------------------------------------
+
+
+def compressed_folder(tmp_path, model_class, name, **config):
+    """A tiny model of `model_class` with a word tokenizer, compressed and saved with asg."""
+    source = write_bert_folder(tmp_path / f"{name}-dense", WORDS, model_class=model_class)
+    model = model_class.from_pretrained(source, **config)
+    asg.compress(model, asg.ASGConfig(k=16, m=8), progress=False)
+    asg.save_pretrained(model, tmp_path / name, tokenizer=tf.AutoTokenizer.from_pretrained(source))
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize("task, model_class, text", [
+    ("feature-extraction", tf.BertModel, "the cat sat on the mat"),
+    ("fill-mask", tf.BertForMaskedLM, "the cat sat on the [MASK]"),
+    ("token-classification", tf.BertForTokenClassification, "father went to paris"),
+    ("text-classification", tf.BertForSequenceClassification, "the dog was good"),
+    ("text-generation", tf.GPT2LMHeadModel, "the cat"),
+])
+def test_pipelines_run_on_compressed_models(task, model_class, text, tmp_path):
+    folder = compressed_folder(tmp_path, model_class, task)
+    by_folder = tf.pipeline(task, model=folder)  # transformers loads it (through the asg quantizer)
+    by_asg = tf.pipeline(task, model=asg.from_pretrained(folder), tokenizer=folder)
+    kwargs = {"max_new_tokens": 5, "do_sample": False} if task == "text-generation" else {}
+    got, want = by_folder(text, **kwargs), by_asg(text, **kwargs)
+    assert isinstance(by_folder.model.get_input_embeddings(), asg.ASGEmbedding)
+    if task == "feature-extraction":
+        assert torch.equal(torch.tensor(got), torch.tensor(want))
+    else:
+        assert got == want
+    assert got  # a real answer, not an empty one
+
+
+# --- resizing ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["bert", "mt5", "gpt2"])
+def test_resize_token_embeddings_encodes_new_rows_against_the_codebooks(arch, tmp_path):
+    model = build(arch)
+    asg.compress(model, asg.ASGConfig(k=16, m=8), progress=False)
+    table = model.get_input_embeddings()
+    old_codes, old_rows = table.codes.clone(), table.weight.detach().clone()
+    torch.manual_seed(0)
+    returned = model.resize_token_embeddings(VOCAB + 9)
+    assert returned is model.get_input_embeddings() and returned.num_embeddings == VOCAB + 9
+    assert torch.equal(table.codes[:VOCAB], old_codes)  # old tokens keep their concepts
+    assert torch.equal(table.weight.detach()[:VOCAB], old_rows)
+    new = table.weight.detach()[VOCAB:]
+    assert torch.equal(table.codes[VOCAB:].long(), torch.as_tensor(asg.pq.encode(
+        table.codebooks.detach().view(8, 16, 4), new)).long())  # new rows sit on their nearest concepts
+    head = model.get_output_embeddings()
+    assert head.out_features == VOCAB + 9 and head.embedding.num_embeddings == VOCAB + 9
+    inputs = {"input_ids": torch.tensor([[VOCAB + 8, 3]])}
+    if arch == "mt5":
+        inputs["decoder_input_ids"] = torch.tensor([[0, VOCAB + 8]])
+    assert outputs(model, inputs).shape[-1] == VOCAB + 9
+    assert model.config.vocab_size == VOCAB + 9
+    asg.save_pretrained(model, tmp_path / "ckpt")
+    assert torch.equal(outputs(asg.from_pretrained(tmp_path / "ckpt"), inputs), outputs(model, inputs))
+    model.resize_token_embeddings(VOCAB - 11)
+    assert outputs(model, {**inputs, "input_ids": torch.tensor([[5, 3]])}).shape[-1] == VOCAB - 11
+
+
+def test_resize_of_a_baseline_table_says_what_to_do():
+    model = build("bert")
+    asg.compress(model, asg.baselines.SGConfig(ratio=0.2), progress=False)
+    with pytest.raises(ValueError, match="resize the dense model first"):
+        model.resize_token_embeddings(VOCAB + 1)
+
+
+def test_adding_tokens_then_compressing_works(tmp_path):
+    source = write_bert_folder(tmp_path / "dense", WORDS, model_class=tf.BertForMaskedLM)
+    tokenizer = tf.AutoTokenizer.from_pretrained(source)
+    tokenizer.add_tokens(["grandmother", "lisbon"])
+    model = tf.BertForMaskedLM.from_pretrained(source)
+    model.resize_token_embeddings(len(tokenizer))
+    report = asg.compress(model, asg.ASGConfig(k=16, m=8), progress=False)
+    assert report.tables["input"]["num_embeddings"] == len(tokenizer) == VOCAB + 2
+    ids = tokenizer("grandmother in lisbon", return_tensors="pt")
+    assert model(**ids).logits.shape[-1] == VOCAB + 2
+
+
+# --- stability and scale-out --------------------------------------------------------------------------
+
+
+def test_a_checkpoint_written_by_version_0_1_still_loads():
+    expected = load_file(str(DATA / "bert-mlm-asg-v1.expected.safetensors"))
+    written = json.loads((DATA / "bert-mlm-asg-v1.json").read_text())
+    assert written["format_version"] == 1
+    plan = asg.read_plan(DATA / "bert-mlm-asg-v1")
+    assert (plan["config"]["k"], plan["config"]["m"], plan["config"]["codebook"]) == (16, 8, "separate")
+    assert plan["tables"]["output"]["tied"] is True
+    for model in (asg.from_pretrained(DATA / "bert-mlm-asg-v1"),
+                  tf.AutoModelForMaskedLM.from_pretrained(DATA / "bert-mlm-asg-v1")):
+        with torch.no_grad():
+            logits = model(input_ids=expected["input_ids"], attention_mask=expected["attention_mask"]).logits
+        assert torch.equal(logits, expected["logits"])
+
+
+TWO_RANKS = """
+import json, sys, torch, transformers
+import torch.distributed as dist
+from asg.tasks import FinetuneSettings, finetune
+
+class Dump(transformers.TrainerCallback):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        table = model.get_input_embeddings()
+        torch.save({"codebooks": table.codebooks.detach().cpu(), "codes": table.codes.cpu(),
+                    "world": dist.get_world_size()}, sys.argv[2] + f"/rank{dist.get_rank()}.pt")
+
+finetune(FinetuneSettings(task="nli", model=sys.argv[1], output=sys.argv[2] + "/run", train_files=[sys.argv[3]],
+                          eval_files=[sys.argv[3]], max_steps=6, batch_size=8, max_length=32, learning_rate=1e-2,
+                          progress=False, callbacks=[Dump()]))
+"""
+
+
+def test_finetune_under_torchrun_keeps_codebooks_identical_on_both_ranks(tmp_path):
+    source = write_bert_folder(tmp_path / "dense", WORDS)
+    model = tf.BertModel.from_pretrained(source)
+    asg.compress(model, asg.ASGConfig(k=16, m=8), progress=False)
+    asg.save_pretrained(model, tmp_path / "asg", tokenizer=tf.AutoTokenizer.from_pretrained(source))
+    rows = [{"premise": "the cat sat", "hypothesis": f"the {w}", "label": w in ("good", "cat")} for w in WORDS] * 4
+    data = tmp_path / "nli.jsonl"
+    data.write_text("".join(json.dumps({**row, "label": str(row["label"])}) + "\n" for row in rows))
+    (tmp_path / "two_ranks.py").write_text(TWO_RANKS)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(tmp_path / "two_ranks.py"), str(tmp_path / "asg"), str(tmp_path), str(data)],
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["world"] == ranks[1]["world"] == 2
+    assert torch.equal(ranks[0]["codebooks"], ranks[1]["codebooks"])
+    assert torch.equal(ranks[0]["codes"], ranks[1]["codes"])
+    start = asg.from_pretrained(tmp_path / "asg").get_input_embeddings()
+    assert not torch.equal(ranks[0]["codebooks"], start.codebooks)  # they trained, together
+    assert torch.equal(ranks[0]["codes"], start.codes)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["train"]["steps"] == 6
