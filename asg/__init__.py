@@ -15,6 +15,7 @@ from .config import ASGConfig
 from .modules import ASGEmbedding, ASGHead
 from .report import CompressionReport
 from .fidelity import fidelity as measure_fidelity
+from .loading import load_model, load_tokenizer
 from .surgery import asg_modules, compress, is_compressed
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "compress",
     "from_pretrained",
     "is_compressed",
+    "load_model",
+    "load_tokenizer",
     "pq",
     "read_plan",
     "save_pretrained",

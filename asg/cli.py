@@ -82,6 +82,9 @@ def compress(
     weights: Optional[str] = typer.Option(
         None, "--weights", help="Frequency-aware k-means: wordfreq, wordfreq:LANG[,LANG], or a counts file "
                                 "(token<TAB>count per line, or JSON)."),
+    norms: Optional[str] = typer.Option(
+        None, "--norms", help="Norm-preserving reconstruction: row (store each token's length, V more parameters) "
+                              "or scalar (one length for all). Helps decoder LLMs whose rows all have one length."),
     fidelity: bool = typer.Option(True, "--fidelity/--no-fidelity", help="Measure fidelity to the original at the end."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it is an existing ASG checkpoint."),
 ) -> None:
@@ -101,7 +104,7 @@ def compress(
     tokenizer = load_tokenizer(source)
     vocab_size, dim = dense.get_input_embeddings().weight.shape
     config = _method_config(method, vocab_size, dim, budget, k=k, m=m, shared=shared, targets=targets,
-                            backend=backend, seed=seed, niter=niter, weights=weights)
+                            backend=backend, seed=seed, niter=niter, weights=weights, norms=norms)
     reference = copy.deepcopy(dense) if fidelity and tokenizer is not None else None
     report = compress_model(dense, config, tokenizer=tokenizer, progress=True)
     save_pretrained(dense, output, tokenizer=tokenizer)
@@ -417,7 +420,8 @@ def _split_list(text: str | None) -> list[str] | None:
     return [part.strip() for part in text.split(",") if part.strip()] if text else None
 
 
-def _method_config(method, vocab_size, dim, budget, *, k, m, shared, targets, backend, seed, niter, weights=None):
+def _method_config(method, vocab_size, dim, budget, *, k, m, shared, targets, backend, seed, niter, weights=None,
+                   norms=None):
     """The config `asg compress` builds from its options, saying on stderr what it chose and why."""
     from .baselines import METHODS, config_for_budget
     from .config import ASGConfig, suggest_k_m
@@ -434,9 +438,10 @@ def _method_config(method, vocab_size, dim, budget, *, k, m, shared, targets, ba
         if k is None:
             k = config_for_budget("asg", vocab_size, dim, fraction, m=m).k if fraction is not None else default_k
         return ASGConfig(k=k, m=m, codebook="shared" if shared else "separate", targets=targets, niter=niter,
-                         seed=seed, backend=backend, weights=weights)
-    if weights is not None:
-        raise ValueError(f"--weights applies to ASG only, not to --method {method}")
+                         seed=seed, backend=backend, weights=weights, norms=norms)
+    for name, value in (("--weights", weights), ("--norms", norms)):
+        if value is not None:
+            raise ValueError(f"{name} applies to ASG only, not to --method {method}")
     fraction = fraction if fraction is not None else {"sg": 0.4, "lowrank": 0.01}.get(method, 0.01)
     options = {"niter": niter, "seed": seed, "backend": backend} if method == "sg" else {}
     return config_for_budget(method, vocab_size, dim, fraction, targets=targets, **options)

@@ -77,6 +77,8 @@ class ASGConfig(SerializableConfig):
     `targets` names the tables to replace: the input embedding, the output head, or both.
     `weights` makes k-means count each token by how often it occurs: "wordfreq" or "wordfreq:LANG"
     (the wordfreq package), the path of a counts file, or an array with one weight per token.
+    `norms="row"` keeps each token's original length (its direction comes from the concepts; one
+    trainable norm per row), `"scalar"` gives every row one shared trainable length.
     """
 
     k: int
@@ -87,6 +89,7 @@ class ASGConfig(SerializableConfig):
     seed: int = 0
     backend: str = "faiss"
     weights: Any = field(default=None, compare=False, repr=False)
+    norms: str | None = None
 
     version: ClassVar[int] = 1
     method: ClassVar[str] = "asg"
@@ -107,6 +110,8 @@ class ASGConfig(SerializableConfig):
             raise ValueError(f"unknown codebook {self.codebook!r}: use 'separate' (one codebook per segment) or 'shared' (one for all)")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}: use 'faiss' (default) or 'torch' (no faiss needed, runs on GPU)")
+        if self.norms not in (None, "row", "scalar"):
+            raise ValueError(f"unknown norms {self.norms!r}: use None, 'row' (one length per token) or 'scalar' (one for all)")
         if isinstance(self.weights, str) and not self.weights.strip():
             raise ValueError("weights is an empty string: give 'wordfreq', 'wordfreq:LANG', a counts file or an array")
 
@@ -117,7 +122,7 @@ class ASGConfig(SerializableConfig):
 
     def settings(self) -> dict[str, Any]:
         """The settings that name this compression in tables and reports."""
-        return {"k": self.k, "m": self.m, "codebook": self.codebook}
+        return {"k": self.k, "m": self.m, "codebook": self.codebook, **({"norms": self.norms} if self.norms else {})}
 
     def validate_for(self, num_rows: int, dim: int, what: str = "embedding") -> None:
         """Check that this config fits a (num_rows, dim) table; raise ValueError with the fix otherwise."""

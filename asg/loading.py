@@ -22,39 +22,72 @@ def default_model_path() -> Path:
 
 
 def load_model(name_or_path: str | Path, model_class=None):
-    """A dense transformers model, of the class its config names (else `AutoModel`); ValueError if it cannot be found."""
+    """A dense transformers model, of the class its config names (else `AutoModel`), from a folder, a hub
+    name or a GGUF file (dequantized by transformers; needs the `gguf` package); ValueError if it cannot be found."""
     import transformers
 
-    source = _check_source(name_or_path)
+    source, options = _source_and_options(name_or_path)
     try:
-        config = transformers.AutoConfig.from_pretrained(source)
+        config = transformers.AutoConfig.from_pretrained(source, **options)
     except (OSError, ValueError) as err:
         raise ValueError(f"could not read a model config from {source!r}: {_first_line(err)}") from None
     if getattr(config, "asg", None):
         raise ValueError(f"{source} is already ASG-compressed; load it with asg.from_pretrained, "
                          "or compress the original model")
-    cls = model_class or architecture_class(config) or transformers.AutoModel
+    cls = model_class or architecture_class(config) or _gguf_class(config, options) or transformers.AutoModel
     try:
-        return cls.from_pretrained(source)
+        model = cls.from_pretrained(source, **options)
     except (OSError, ValueError) as err:
-        raise ValueError(f"could not load the model weights from {source!r}: {_first_line(err)}") from None
+        raise ValueError(f"could not load the model weights from {name_or_path!r}: {_first_line(err)}") from None
+    if options:  # transformers names no architecture for a GGUF model: record it, and where it came from
+        model.config.architectures = [type(model).__name__]
+        model.name_or_path = str(Path(name_or_path).expanduser().resolve())
+    return model
 
 
 def load_tokenizer(name_or_path: str | Path):
-    """The model's tokenizer, or None where the folder has none."""
+    """The model's tokenizer (read from the file itself for a GGUF file), or None where there is none."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(name_or_path))
+        source, options = _source_and_options(name_or_path)
+        return AutoTokenizer.from_pretrained(source, **options)
     except (OSError, ValueError, TypeError):
         return None
+
+
+def is_gguf(name_or_path) -> bool:
+    """True for the path of a GGUF file."""
+    return str(name_or_path).lower().endswith(".gguf")
+
+
+def _source_and_options(name_or_path) -> tuple[str, dict]:
+    if is_gguf(name_or_path):
+        path = Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise ValueError(f"{path} does not exist; give the path of a GGUF file")
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            raise ValueError("loading a GGUF file needs the gguf package: pip install gguf (or pip install 'asg[gguf]')") from None
+        return str(path.parent), {"gguf_file": path.name}
+    return _check_source(name_or_path), {}
+
+
+def _gguf_class(config, options):
+    """A GGUF file holds a language model: its causal-LM class (its config names no architecture)."""
+    if not options:
+        return None
+    import transformers
+
+    return transformers.AutoModelForCausalLM
 
 
 def _check_source(name_or_path: str | Path) -> str:
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ValueError(f"{path} is a file; give a Hugging Face model folder (with config.json and weights)")
+            raise ValueError(f"{path} is a file; give a Hugging Face model folder (with config.json and weights) or a .gguf file")
         if not (path / "config.json").exists():
             raise ValueError(f"{path} is not a Hugging Face model folder: it has no config.json")
         return str(path)

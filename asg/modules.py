@@ -139,6 +139,8 @@ class ASGEmbedding(CompressedEmbedding):
     Token t is the concatenation of m concept vectors, row `concept_ids()[t, i]` of `codebooks` for
     segment i. `codebooks` is the trainable E': (m·k, D/m) for separate codebooks, (k, D/m) shared.
     `codes` (V, m) is a fixed buffer in the smallest integer type that holds k, never trained.
+    With `norms="row"` (or `"scalar"`), each row is rescaled to a trainable length of its own (or one
+    shared by all rows): the concepts give the direction, the stored norm the length.
     """
 
     kind = "asg"
@@ -154,8 +156,11 @@ class ASGEmbedding(CompressedEmbedding):
         embed_scale: float | torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        norms: str | None = None,
     ) -> None:
         super().__init__(num_embeddings, embedding_dim, padding_idx, embed_scale, device)
+        if norms not in (None, "row", "scalar"):
+            raise ValueError(f"unknown norms {norms!r}: use None, 'row' or 'scalar'")
         if embedding_dim % m:
             raise ValueError(f"m={m} does not divide embedding_dim={embedding_dim}")
         self.k = k
@@ -164,27 +169,35 @@ class ASGEmbedding(CompressedEmbedding):
         rows = k if shared else m * k
         self.codebooks = nn.Parameter(torch.zeros(rows, embedding_dim // m, dtype=dtype, device=device))
         self.register_buffer("codes", torch.zeros(num_embeddings, m, dtype=index_dtype(k), device=device))
+        self.norm_mode = norms
+        size = num_embeddings if norms == "row" else 1
+        self.norms = nn.Parameter(torch.ones(size, dtype=dtype, device=device)) if norms else None
         self._path_times: dict[int, dict[str, float]] = {}  # logits: seconds per row of each path, by size class
 
     @classmethod
-    def from_pq(cls, codebooks, codes, *, dtype=None, device=None, **kwargs) -> "ASGEmbedding":
-        """Build from `pq.fit` output: codebooks (m, k, D/m) or shared (k, D/m), codes (V, m)."""
+    def from_pq(cls, codebooks, codes, *, norms=None, dtype=None, device=None, **kwargs) -> "ASGEmbedding":
+        """Build from `pq.fit` output: codebooks (m, k, D/m) or shared (k, D/m), codes (V, m); `norms`, if
+        given, holds one length per row (V,) or one for all (1,)."""
         codebooks = torch.as_tensor(codebooks)
         codes = codes.long() if isinstance(codes, torch.Tensor) else torch.from_numpy(np.asarray(codes, dtype=np.int64))
         shared = codebooks.dim() == 2
         k = codebooks.shape[0] if shared else codebooks.shape[1]
         m = codes.shape[1]
+        mode = None if norms is None else "row" if len(norms) == codes.shape[0] and len(norms) > 1 else "scalar"
         module = cls(codes.shape[0], m * codebooks.shape[-1], k, m, shared=shared,
-                     dtype=dtype or codebooks.dtype, device=device, **kwargs)
+                     dtype=dtype or codebooks.dtype, device=device, norms=mode, **kwargs)
         with torch.no_grad():
             module.codebooks.copy_(codebooks.reshape(module.codebooks.shape))
             module.codes.copy_(codes.to(module.codes.dtype))
+            if norms is not None:
+                module.norms.copy_(torch.as_tensor(norms).reshape(module.norms.shape))
         return module
 
     @classmethod
     def empty(cls, spec, *, dtype=None, device=None, embed_scale=None) -> "ASGEmbedding":
         return cls(spec["num_embeddings"], spec["embedding_dim"], spec["k"], spec["m"], shared=spec["shared"],
-                   padding_idx=spec.get("padding_idx"), embed_scale=embed_scale, dtype=dtype, device=device)
+                   padding_idx=spec.get("padding_idx"), embed_scale=embed_scale, dtype=dtype, device=device,
+                   norms=spec.get("norms"))
 
     @property
     def segment_dim(self) -> int:
@@ -209,9 +222,22 @@ class ASGEmbedding(CompressedEmbedding):
     def _rows(self, ids: torch.Tensor | None) -> torch.Tensor:
         """Rows (n, D) for `ids` (every token when None): the C gather on CPU float32, else torch indexing."""
         if self.codebooks.device.type == "cpu" and self.codebooks.dtype == torch.float32 and kernels.available():
-            return _GatherRows.apply(self.codebooks, self.codes, self._step(), ids)
-        concept_ids = self.concept_ids() if ids is None else self.codes[ids.reshape(-1)].long() + self._offsets()
-        return F.embedding(concept_ids, self.codebooks).flatten(-2)
+            rows = _GatherRows.apply(self.codebooks, self.codes, self._step(), ids)
+        else:
+            concept_ids = self.concept_ids() if ids is None else self.codes[ids.reshape(-1)].long() + self._offsets()
+            rows = F.embedding(concept_ids, self.codebooks).flatten(-2)
+        return rows if self.norms is None else rows * self.row_scale(ids)[:, None]
+
+    def row_scale(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Stored length / concatenated length, per row of `ids` (every token when None): the factor that
+        norm-preserving reconstruction applies. ||row||² is the sum of its concept vectors' squared norms."""
+        codes = self.codes if ids is None else self.codes[ids.reshape(-1)]
+        squared = self.codebooks.square().sum(-1)[codes.long() + self._offsets()].sum(-1)
+        if self.norm_mode == "row":
+            norms = self.norms if ids is None else self.norms[ids.reshape(-1)]
+        else:
+            norms = self.norms
+        return norms / squared.clamp_min(1e-24).sqrt()
 
     def logits(self, hidden: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Scores (..., V) plus `bias`. On CPU in float32 without autograd, small batches use per-segment
@@ -224,6 +250,8 @@ class ASGEmbedding(CompressedEmbedding):
         start = time.perf_counter()
         if path == "lookup":
             out = kernels.lut_logits(self._segment_scores(flat), self.codes)
+            if self.norms is not None:
+                out *= self.row_scale()
         else:
             out = F.linear(flat, self.weight)
         if bucket is not None:
@@ -250,7 +278,10 @@ class ASGEmbedding(CompressedEmbedding):
         flat = hidden.reshape(-1, self.embedding_dim)
         tables = self._segment_scores(flat).reshape(flat.shape[0], -1)
         rows = self.codes.long() + torch.arange(self.m, device=hidden.device) * self.k  # (V, m) into the m·k scores
-        return tables[:, rows].sum(-1).reshape(*hidden.shape[:-1], self.num_embeddings)
+        logits = tables[:, rows].sum(-1)
+        if self.norms is not None:
+            logits = logits * self.row_scale()
+        return logits.reshape(*hidden.shape[:-1], self.num_embeddings)
 
     def _segment_scores(self, flat: torch.Tensor) -> torch.Tensor:
         """(N, m, k): the dot product of each segment of each row with every concept vector it may use."""
@@ -268,7 +299,7 @@ class ASGEmbedding(CompressedEmbedding):
                 and self.codebooks.dtype == torch.float32 and kernels.available())
 
     def spec(self) -> dict[str, Any]:
-        return {**super().spec(), "k": self.k, "m": self.m, "shared": self.shared,
+        return {**super().spec(), "k": self.k, "m": self.m, "shared": self.shared, "norms": self.norm_mode,
                 "codebooks_shape": list(self.codebooks.shape),
                 "code_dtype": str(self.codes.dtype).replace("torch.", "")}
 
@@ -277,7 +308,8 @@ class ASGEmbedding(CompressedEmbedding):
 
     def extra_repr(self) -> str:
         kind = "shared" if self.shared else "separate"
-        return f"{self.num_embeddings}, {self.embedding_dim}, k={self.k}, m={self.m}, codebook={kind}"
+        norms = f", norms={self.norm_mode}" if self.norm_mode else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, k={self.k}, m={self.m}, codebook={kind}{norms}"
 
 
 class ASGHead(nn.Module):

@@ -128,11 +128,18 @@ def encode(codebooks, matrix) -> np.ndarray:
     return codes.cpu().numpy().astype(code_dtype(cb.shape[-2]))
 
 
-def relative_error(matrix, reconstruction) -> float:
-    """Relative Frobenius error ||E - Ê|| / ||E|| between a matrix and its reconstruction."""
-    a = _as_torch32(matrix).double()
-    b = _as_torch32(reconstruction).double().to(a.device)
-    return float(torch.linalg.norm(a - b) / torch.linalg.norm(a).clamp_min(1e-30))
+def relative_error(matrix, reconstruction, block: int = 8192) -> float:
+    """Relative Frobenius error ||E - Ê|| / ||E|| between a matrix and its reconstruction (`reconstruction`
+    may also be a function of a row slice, so that no second full matrix is ever built)."""
+    a = _as_torch32(matrix)
+    error = norm = 0.0
+    for start in range(0, a.shape[0], block):
+        rows = slice(start, start + block)
+        part = reconstruction(rows) if callable(reconstruction) else reconstruction[rows]
+        x = a[rows].double()
+        error += float((x - _as_torch32(part).double().to(x.device)).square().sum())
+        norm += float(x.square().sum())
+    return (error / max(norm, 1e-300)) ** 0.5
 
 
 # --- faiss backend -----------------------------------------------------------------------------

@@ -242,8 +242,14 @@ def _fit_asg(config: ASGConfig, weight: torch.Tensor, name: str, progress: bool,
                          "compress that table unweighted (targets) or give weights for its vocabulary")
     fit = pq.fit(weight, config.k, config.m, codebook=config.codebook, niter=config.niter, seed=config.seed,
                  backend=config.backend, progress=progress, desc=f"k-means {name}", weights=weights)
-    module = ASGEmbedding.from_pq(fit.codebooks, fit.codes, dtype=weight.dtype, device=weight.device, **kwargs)
-    error = pq.relative_error(weight, pq.decode(fit.codebooks, fit.codes))
+    norms = None
+    if config.norms is not None:
+        row_norms = torch.linalg.vector_norm(weight.detach().float(), dim=1)
+        norms = row_norms if config.norms == "row" else row_norms.mean().reshape(1)
+    module = ASGEmbedding.from_pq(fit.codebooks, fit.codes, norms=norms, dtype=weight.dtype, device=weight.device,
+                                  **kwargs)
+    with torch.no_grad():
+        error = pq.relative_error(weight, lambda rows: module._rows(torch.arange(weight.shape[0])[rows]))
     return module, error
 
 
@@ -335,6 +341,11 @@ def _resize_table(table: ASGEmbedding, count: int, mean_resizing: bool) -> None:
                 codebooks = codebooks.view(table.m, table.k, table.segment_dim)
             new_codes = torch.as_tensor(pq.encode(codebooks, extra.cpu())).to(codes.device, codes.dtype)
         table.codes = torch.cat([codes, new_codes])
+    if table.norm_mode == "row":
+        with torch.no_grad():
+            kept = table.norms.data[:count]
+            fill = kept.mean().expand(max(0, count - len(kept)))
+            table.norms = nn.Parameter(torch.cat([kept, fill]), requires_grad=table.norms.requires_grad)
     table.num_embeddings = count
 
 

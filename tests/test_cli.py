@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 import asg
 from asg.cli import app
+from asg.loading import load_model
 from tiny_models import HIDDEN, VOCAB, make_bert
 
 WORDS = ["father", "mother", "daughter", "son", "king", "queen", "grand", "##ly", "house", "river"]
@@ -73,9 +74,26 @@ def test_shared_and_targets_options(model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     plan = asg.read_plan(out)
     assert plan["config"] == {"k": 32, "m": 8, "codebook": "shared", "targets": ["input"], "niter": 25,
-                              "seed": 3, "backend": "torch", "weights": None}
+                              "seed": 3, "backend": "torch", "weights": None, "norms": None}
     assert set(plan["tables"]) == {"input"}
     assert_user_error(run("inspect", str(out), "--token", "father", "--table", "output"), "no compressed output table")
+
+
+def test_norms_option_stores_one_length_per_token(model_dir, tmp_path):
+    out = tmp_path / "norms"
+    result = run("compress", str(model_dir), "--k", "16", "--m", "8", "--norms", "row", "--no-fidelity", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert asg.read_plan(out)["config"]["norms"] == "row"
+    data = json.loads(run("info", str(out), "--json").stdout)
+    assert data["tables"][0]["params"] == 16 * HIDDEN + VOCAB  # the codebooks, and one length per token
+    table = asg.from_pretrained(out).get_input_embeddings()
+    dense = load_model(model_dir).get_input_embeddings().weight.detach()
+    torch.testing.assert_close(table.weight.detach().norm(dim=1), dense.norm(dim=1))
+    assert_user_error(run("compress", str(model_dir), "--method", "sg", "--norms", "row", "-o", str(tmp_path / "sg")),
+                      "--norms applies to ASG only")
+    assert_user_error(run("compress", str(model_dir), "--k", "16", "--m", "8", "--norms", "rows",
+                          "-o", str(tmp_path / "bad")), "unknown norms 'rows'")
+    assert not (tmp_path / "sg").exists() and not (tmp_path / "bad").exists()
 
 
 def test_info_shows_the_parameter_table(compressed_dir):

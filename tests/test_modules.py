@@ -86,3 +86,42 @@ def test_head_lookup_logits_are_eq2_for_any_leading_shape():
         assert head(hidden).shape == (2, 3, 5, 50)
         torch.testing.assert_close(head(hidden), want)
         torch.testing.assert_close(head.lookup_logits(hidden), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["row", "scalar"])
+def test_norm_preserving_reconstruction_is_exact_and_keeps_lengths(mode, tmp_path):
+    import copy
+
+    original = build("gemma3")
+    model = copy.deepcopy(original)
+    report = asg.compress(model, asg.ASGConfig(k=16, m=8, norms=mode), progress=False)
+    table = model.get_input_embeddings()
+    dense = original.get_input_embeddings().weight.detach()
+    lengths = table.weight.detach().norm(dim=1)
+    if mode == "row":
+        torch.testing.assert_close(lengths, dense.norm(dim=1))  # every token keeps its own length
+        assert table.norms.shape == (211,)
+    else:
+        torch.testing.assert_close(lengths, torch.full_like(lengths, dense.norm(dim=1).mean().item()))
+        assert table.norms.shape == (1,)
+    assert report.embedding_params_after == 16 * 32 + table.norms.numel()
+    decoded = torch.from_numpy(pq.decode(table.codebooks.detach().view(8, 16, 4).numpy(), table.codes.numpy()))
+    want = decoded * (table.norms.detach() / decoded.norm(dim=1))[:, None]
+    torch.testing.assert_close(table.weight.detach(), want)
+    ids = torch.tensor([[3, 7, 200]])
+    torch.testing.assert_close(table(ids), want[ids] * original.get_input_embeddings().embed_scale)
+    hidden = torch.randn(4, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.lm_head(hidden), hidden @ want.T, rtol=1e-5, atol=1e-5)  # lookup kernel
+        torch.testing.assert_close(model.lm_head.lookup_logits(hidden), hidden @ want.T, rtol=1e-5, atol=1e-5)
+    asg.save_pretrained(model, tmp_path / "ckpt")
+    inputs = sample_inputs("gemma3")
+    loaded = asg.from_pretrained(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+    model.train()
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    assert table.norms.grad is not None and table.norms.grad.abs().sum() > 0  # lengths train too
+    model.resize_token_embeddings(215)
+    assert table.norms.shape == ((215,) if mode == "row" else (1,))
+

@@ -1,0 +1,101 @@
+"""GGUF input: a tiny GGUF file written here with the gguf package, compressed from the command line and
+through the Python API, gives an ordinary ASG folder."""
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import asg
+from asg.cli import app
+from asg.loading import load_model
+
+gguf = pytest.importorskip("gguf")
+
+WORDS = ["the", "cat", "sat", "on", "mat"] + [f"w{i}" for i in range(200)]
+
+
+def write_tiny_llama_gguf(path, hidden=32, layers=2, heads=4, kv_heads=2, ffn=64, seed=0):
+    """A random Llama in GGUF (float32 tensors, llama.cpp names), with a SentencePiece-style vocabulary."""
+    rng = np.random.default_rng(seed)
+    tokens = ["<unk>", "<s>", "</s>"] + ["▁" + w for w in WORDS]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(64)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * 3 + [-float(i) for i in range(len(tokens) - 3)])
+    writer.add_token_types([2, 3, 3] + [1] * (len(tokens) - 3))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+
+    def tensor(*shape):
+        return (rng.standard_normal(shape) * 0.05).astype(np.float32)
+
+    head_dim = hidden // heads
+    writer.add_tensor("token_embd.weight", tensor(len(tokens), hidden))
+    writer.add_tensor("output.weight", tensor(len(tokens), hidden))
+    writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    for i in range(layers):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+        writer.add_tensor(f"blk.{i}.attn_q.weight", tensor(hidden, hidden))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", tensor(kv_heads * head_dim, hidden))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", tensor(kv_heads * head_dim, hidden))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", tensor(hidden, hidden))
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", tensor(ffn, hidden))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", tensor(ffn, hidden))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", tensor(hidden, ffn))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory):
+    return write_tiny_llama_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf")
+
+
+def test_a_gguf_file_compresses_into_an_ordinary_asg_folder(gguf_file, tmp_path):
+    out = tmp_path / "asg"
+    result = CliRunner().invoke(app, ["compress", str(gguf_file), "--k", "16", "--m", "8", "--no-fidelity", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    plan = asg.read_plan(out)
+    assert plan["source_model"] == str(gguf_file.resolve())
+    assert set(plan["tables"]) == {"input", "output"} and plan["tables"]["output"]["tied"] is False
+    loaded = asg.from_pretrained(out)
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+    dense = load_model(gguf_file).eval()
+    same = asg.load_model(gguf_file).eval()  # the exported loader: transformers reads the file (gguf_file=...)
+    asg.compress(same, asg.ASGConfig(k=16, m=8), progress=False)  # the Python API on the same file
+    ids = torch.tensor([[1, 4, 5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, same(ids).logits)
+        assert not torch.allclose(loaded(ids).logits, dense(ids).logits)
+    assert torch.equal(loaded.get_input_embeddings().codes, same.get_input_embeddings().codes)
+
+
+def test_the_recorded_gguf_source_loads_as_the_reference(gguf_file, tmp_path):
+    out = tmp_path / "asg"
+    assert CliRunner().invoke(app, ["compress", str(gguf_file), "--k", "16", "--m", "8", "--no-fidelity",
+                                    "-o", str(out)]).exit_code == 0
+    model = asg.from_pretrained(out)
+    reference = load_model(asg.read_plan(out)["source_model"])
+    assert asg.read_plan(out)["source_model"].endswith(".gguf")
+    assert model.config.vocab_size == reference.config.vocab_size
+
+
+def test_a_missing_gguf_file_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(app, ["compress", str(tmp_path / "none.gguf"), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "does not exist; give the path of a GGUF file" in result.stderr
