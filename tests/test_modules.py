@@ -125,3 +125,24 @@ def test_norm_preserving_reconstruction_is_exact_and_keeps_lengths(mode, tmp_pat
     model.resize_token_embeddings(215)
     assert table.norms.shape == ((215,) if mode == "row" else (1,))
 
+
+def test_cached_row_lengths_follow_every_change_of_the_tables():
+    import io
+
+    table = asg.ASGEmbedding.from_pq(torch.randn(4, 8, 2), torch.randint(0, 8, (50, 4)), norms=torch.rand(50) + 0.5)
+    hidden = torch.randn(3, 8)
+    with torch.no_grad():
+        first = table.logits(hidden)  # inference: the whole-vocabulary lengths are computed once and kept
+        torch.testing.assert_close(first, hidden @ table.weight.T, rtol=1e-5, atol=1e-5)
+        table.norms.mul_(2)  # an in-place update (an optimizer step, load_state_dict) invalidates them
+        torch.testing.assert_close(table.logits(hidden), 2 * first, rtol=1e-5, atol=1e-5)
+        table.codebooks.mul_(3)  # lengths are kept, so scaling the concepts changes nothing
+        torch.testing.assert_close(table.logits(hidden), 2 * first, rtol=1e-5, atol=1e-5)
+        table.codes = torch.flip(table.codes, [0])  # a new tensor, e.g. after resizing
+        torch.testing.assert_close(table.logits(hidden), hidden @ table.weight.T, rtol=1e-5, atol=1e-5)
+    buffer = io.BytesIO()
+    torch.save(table, buffer)  # the cache's weak references do not travel
+    buffer.seek(0)
+    with torch.no_grad():
+        assert torch.equal(torch.load(buffer, weights_only=False).logits(hidden), table.logits(hidden))
+
