@@ -26,7 +26,7 @@ def load_model(name_or_path: str | Path, model_class=None):
     name or a GGUF file (dequantized by transformers; needs the `gguf` package); ValueError if it cannot be found."""
     import transformers
 
-    source, options = _source_and_options(name_or_path)
+    source, options = source_and_options(name_or_path)
     try:
         config = transformers.AutoConfig.from_pretrained(source, **options)
     except (OSError, ValueError) as err:
@@ -42,7 +42,19 @@ def load_model(name_or_path: str | Path, model_class=None):
     if options:  # transformers names no architecture for a GGUF model: record it, and where it came from
         model.config.architectures = [type(model).__name__]
         model.name_or_path = str(Path(name_or_path).expanduser().resolve())
+        forget_gguf_quantization(model)
     return model
+
+
+def forget_gguf_quantization(model) -> None:
+    """transformers marks a model read from GGUF as quantized, although its weights are dequantized to
+    ordinary float tensors; drop the mark, so that it trains (Trainer refuses quantized models) and saves
+    like any dense model."""
+    if getattr(getattr(model, "hf_quantizer", None), "__class__", type).__name__ == "GgufHfQuantizer":
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
 
 
 def load_tokenizer(name_or_path: str | Path):
@@ -50,7 +62,7 @@ def load_tokenizer(name_or_path: str | Path):
     from transformers import AutoTokenizer
 
     try:
-        source, options = _source_and_options(name_or_path)
+        source, options = source_and_options(name_or_path)
         return AutoTokenizer.from_pretrained(source, **options)
     except (OSError, ValueError, TypeError):
         return None
@@ -61,7 +73,7 @@ def is_gguf(name_or_path) -> bool:
     return str(name_or_path).lower().endswith(".gguf")
 
 
-def _source_and_options(name_or_path) -> tuple[str, dict]:
+def source_and_options(name_or_path) -> tuple[str, dict]:
     if is_gguf(name_or_path):
         path = Path(name_or_path).expanduser()
         if not path.is_file():

@@ -9,6 +9,8 @@ the frontier (perplexity against embedding parameters), calibration, size on dis
 memory, greedy generation speed and the first tokens of a few generations side by side.
 
     python experiments/gemma3_270m.py [--calibration-steps 300] [--out results/gemma3-270m]
+    python experiments/gemma3_270m.py --variants "m=160, norms=scalar" "m=320" --calibrate "ASG k=1024 m=320, norms=scalar" \
+        --out results/gemma3-270m-m320
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ def main() -> None:
     parser.add_argument("--calibration-steps", type=int, default=300)
     parser.add_argument("--calibration-lr", type=float, default=1e-3)
     parser.add_argument("--out", default="results/gemma3-270m")
+    parser.add_argument("--variants", nargs="*", help="Only the ASG settings whose names contain one of these strings.")
+    parser.add_argument("--calibrate", help="The setting to calibrate (default: the best one that compresses both sides).")
     parser.add_argument("--generation-only", action="store_true",
                         help="Only compare greedy generation of the uncompressed model and OUT/asg, saved by a full run.")
     args = parser.parse_args()
@@ -83,9 +87,13 @@ def main() -> None:
         ("ASG k=1024 m=80, norms=scalar", dict(k=1024, m=80, norms="scalar")),
         ("ASG k=1024 m=80, norms=row", dict(k=1024, m=80, norms="row")),
         ("ASG k=1024 m=160, norms=row", dict(k=1024, m=160, norms="row")),
+        ("ASG k=1024 m=160, norms=scalar", dict(k=1024, m=160, norms="scalar")),
+        ("ASG k=1024 m=320, norms=scalar", dict(k=1024, m=320, norms="scalar")),
         ("ASG shared k=4096 m=80, norms=row", dict(k=4096, m=80, codebook="shared", norms="row")),
         ("ASG k=1024 m=80, norms=row, input only", dict(k=1024, m=80, norms="row", targets=("input",))),
     ]
+    if args.variants:
+        variants = [(name, settings) for name, settings in variants if any(part in name for part in args.variants)]
     compressed, reports, scores = {}, {}, {}
     for name, settings in variants:
         model = copy.deepcopy(reference)
@@ -96,7 +104,9 @@ def main() -> None:
         compressed[name], reports[name] = model, report
 
     # calibrate the best setting that compresses both sides
-    best = min((name for name in scores if "input only" not in name), key=scores.get)
+    best = args.calibrate or min((name for name in scores if "input only" not in name), key=scores.get)
+    if best not in compressed:
+        raise SystemExit(f"--calibrate {best!r} is not among the settings run: {', '.join(compressed)}")
     model = compressed[best]
     start = time.time()
     result = calibrate(model, reference, calibration_text, tokenizer=tokenizer, steps=args.calibration_steps,

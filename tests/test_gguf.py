@@ -1,6 +1,8 @@
 """GGUF input: a tiny GGUF file written here with the gguf package, compressed from the command line and
 through the Python API, gives an ordinary ASG folder."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +21,10 @@ def write_tiny_llama_gguf(path, hidden=32, layers=2, heads=4, kv_heads=2, ffn=64
     """A random Llama in GGUF (float32 tensors, llama.cpp names), with a SentencePiece-style vocabulary."""
     rng = np.random.default_rng(seed)
     tokens = ["<unk>", "<s>", "</s>"] + ["▁" + w for w in WORDS]
+    # every prefix and character of the words too, so that the BPE tokenizer transformers derives from
+    # this vocabulary finds merges that build each word
+    pieces = {word[:end] for word in tokens[3:] for end in range(1, len(word))} | {c for w in tokens[3:] for c in w}
+    tokens += sorted(pieces - set(tokens))
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_context_length(64)
     writer.add_embedding_length(hidden)
@@ -99,3 +105,33 @@ def test_the_recorded_gguf_source_loads_as_the_reference(gguf_file, tmp_path):
 def test_a_missing_gguf_file_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(app, ["compress", str(tmp_path / "none.gguf"), "-o", str(tmp_path / "out")])
     assert result.exit_code == 2 and "does not exist; give the path of a GGUF file" in result.stderr
+
+
+def test_a_gguf_decoder_finetunes_as_a_classifier(gguf_file, tmp_path):
+    """finetune takes a GGUF file too: transformers marks it quantized and the tokenizer has no padding
+    token, and both are dealt with, so that a decoder trains as a sequence classifier."""
+    from test_tasks import write_jsonl
+
+    def rows(n, seed):  # the label is told by one word of the hypothesis, in the file's small vocabulary
+        rng = np.random.default_rng(seed)
+        keys = {"cat": "entailment", "mat": "contradiction", "sat": "neutral"}
+        fill = [f"w{i}" for i in range(20)]
+        out = []
+        for _ in range(n):
+            key = str(rng.choice(list(keys)))
+            out.append({"premise": " ".join(rng.choice(fill, 4)), "label": keys[key],
+                        "hypothesis": " ".join([*rng.choice(fill, 2), key, *rng.choice(fill, 2)])})
+        return out
+
+    train = write_jsonl(tmp_path / "train.jsonl", rows(300, 0))
+    test = write_jsonl(tmp_path / "test.jsonl", rows(60, 1))
+    runner = CliRunner()
+    result = runner.invoke(app, ["finetune", str(gguf_file), "--task", "nli", "--train-file", train, "--eval-file", test,
+                                 "--lr", "3e-3", "--epochs", "6", "--batch-size", "16", "--max-length", "16",
+                                 "-o", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    accuracy = metrics["average"]["accuracy"]
+    assert accuracy > 60  # three balanced labels: chance is 33
+    again = runner.invoke(app, ["evaluate", str(tmp_path / "run")])
+    assert again.exit_code == 0 and f"{accuracy:.2f}" in again.stdout

@@ -114,11 +114,12 @@ def load_model(source: str | None, kind, labels: list[str]):
     import transformers
 
     from ..checkpoint import from_pretrained
-    from ..loading import default_model_path, load_tokenizer
+    from ..loading import default_model_path, forget_gguf_quantization, load_tokenizer, source_and_options
 
     source = source or str(default_model_path())
     is_asg = _is_asg_folder(source)
-    config = transformers.AutoConfig.from_pretrained(source)
+    folder, gguf = source_and_options(source) if not is_asg else (source, {})  # a GGUF file: its folder and name
+    config = transformers.AutoConfig.from_pretrained(folder, **gguf)
     seq2seq = bool(getattr(config, "is_encoder_decoder", False))
     options = {} if seq2seq or not labels else {
         "num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {l: i for i, l in enumerate(labels)}}
@@ -127,12 +128,18 @@ def load_model(source: str | None, kind, labels: list[str]):
         if is_asg:
             model = from_pretrained(source, model_class=model_class, **options)
         else:
-            model = model_class.from_pretrained(source, ignore_mismatched_sizes=bool(options), **options)
+            model = model_class.from_pretrained(folder, ignore_mismatched_sizes=bool(options), **gguf, **options)
+            forget_gguf_quantization(model)
     except (OSError, KeyError) as err:
         raise ValueError(f"could not load {source} as {model_class.__name__}: {err}") from None
     tokenizer = load_tokenizer(source)
     if tokenizer is None:
         raise ValueError(f"{source} has no tokenizer; save one next to the model (asg compress does)")
+    if tokenizer.pad_token is None and (tokenizer.eos_token or tokenizer.unk_token):
+        # decoder-only models (GPT-2, Llama, Gemma) have no padding token: pad with end-of-text, as is usual
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # a sequence classifier finds each text's last token by it
     return model, tokenizer, source
 
 
