@@ -34,7 +34,9 @@ def load_model(name_or_path: str | Path, model_class=None):
     if getattr(config, "asg", None):
         raise ValueError(f"{source} is already ASG-compressed; load it with asg.from_pretrained, "
                          "or compress the original model")
-    cls = model_class or architecture_class(config) or _gguf_class(config, options) or transformers.AutoModel
+    # a GGUF file holds a language model, and its config names no architecture
+    gguf_class = transformers.AutoModelForCausalLM if options else None
+    cls = model_class or architecture_class(config) or gguf_class or transformers.AutoModel
     try:
         model = cls.from_pretrained(source, **options)
     except (OSError, ValueError) as err:
@@ -50,7 +52,7 @@ def forget_gguf_quantization(model) -> None:
     """transformers marks a model read from GGUF as quantized, although its weights are dequantized to
     ordinary float tensors; drop the mark, so that it trains (Trainer refuses quantized models) and saves
     like any dense model."""
-    if getattr(getattr(model, "hf_quantizer", None), "__class__", type).__name__ == "GgufHfQuantizer":
+    if type(getattr(model, "hf_quantizer", None)).__name__ == "GgufHfQuantizer":
         model.hf_quantizer = None
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
@@ -74,6 +76,8 @@ def is_gguf(name_or_path) -> bool:
 
 
 def source_and_options(name_or_path) -> tuple[str, dict]:
+    """What transformers' from_pretrained takes for a model a user names: (folder or hub name, {}) or, for a
+    GGUF file, (its folder, {"gguf_file": its name}); ValueError with the fix when it cannot be loaded."""
     if is_gguf(name_or_path):
         path = Path(name_or_path).expanduser()
         if not path.is_file():
@@ -84,15 +88,6 @@ def source_and_options(name_or_path) -> tuple[str, dict]:
             raise ValueError("loading a GGUF file needs the gguf package: pip install gguf (or pip install 'asg[gguf]')") from None
         return str(path.parent), {"gguf_file": path.name}
     return _check_source(name_or_path), {}
-
-
-def _gguf_class(config, options):
-    """A GGUF file holds a language model: its causal-LM class (its config names no architecture)."""
-    if not options:
-        return None
-    import transformers
-
-    return transformers.AutoModelForCausalLM
 
 
 def _check_source(name_or_path: str | Path) -> str:

@@ -248,8 +248,9 @@ def _fit_asg(config: ASGConfig, weight: torch.Tensor, name: str, progress: bool,
         norms = row_norms if config.norms == "row" else row_norms.mean().reshape(1)
     module = ASGEmbedding.from_pq(fit.codebooks, fit.codes, norms=norms, dtype=weight.dtype, device=weight.device,
                                   **kwargs)
-    with torch.no_grad():
-        error = pq.relative_error(weight, lambda rows: module._rows(torch.arange(weight.shape[0])[rows]))
+    ids = torch.arange(weight.shape[0], device=weight.device)
+    with torch.no_grad():  # block by block, so that no second full table is built
+        error = pq.relative_error(weight, lambda rows: module._rows(ids[rows]))
     return module, error
 
 
