@@ -21,9 +21,10 @@ def default_model_path() -> Path:
     return Path(gt.get_model_path())
 
 
-def load_model(name_or_path: str | Path, model_class=None):
+def load_model(name_or_path: str | Path, model_class=None, **kwargs):
     """A dense transformers model, of the class its config names (else `AutoModel`), from a folder, a hub
-    name or a GGUF file (dequantized by transformers; needs the `gguf` package); ValueError if it cannot be found."""
+    name or a GGUF file (dequantized by transformers; needs the `gguf` package); ValueError if it cannot be found.
+    `kwargs` go to `from_pretrained` (e.g. num_labels for a task head)."""
     import transformers
 
     source, options = source_and_options(name_or_path)
@@ -38,7 +39,7 @@ def load_model(name_or_path: str | Path, model_class=None):
     gguf_class = transformers.AutoModelForCausalLM if options else None
     cls = model_class or architecture_class(config) or gguf_class or transformers.AutoModel
     try:
-        model = cls.from_pretrained(source, **options)
+        model = cls.from_pretrained(source, **options, **kwargs)
     except (OSError, ValueError) as err:
         raise ValueError(f"could not load the model weights from {name_or_path!r}: {_first_line(err)}") from None
     if options:  # transformers names no architecture for a GGUF model: record it, and where it came from

@@ -114,7 +114,8 @@ def load_model(source: str | None, kind, labels: list[str]):
     import transformers
 
     from ..checkpoint import from_pretrained
-    from ..loading import default_model_path, forget_gguf_quantization, load_tokenizer, source_and_options
+    from ..loading import default_model_path, load_tokenizer, source_and_options
+    from ..loading import load_model as load_dense
 
     source = source or str(default_model_path())
     is_asg = _is_asg_folder(source)
@@ -128,8 +129,7 @@ def load_model(source: str | None, kind, labels: list[str]):
         if is_asg:
             model = from_pretrained(source, model_class=model_class, **options)
         else:
-            model = model_class.from_pretrained(folder, ignore_mismatched_sizes=bool(options), **gguf, **options)
-            forget_gguf_quantization(model)
+            model = load_dense(source, model_class, ignore_mismatched_sizes=bool(options), **options)
     except (OSError, KeyError) as err:
         raise ValueError(f"could not load {source} as {model_class.__name__}: {err}") from None
     tokenizer = load_tokenizer(source)
