@@ -8,15 +8,21 @@
 
 __version__ = "0.1.0"
 
-from . import baselines, hf, pq
-from .calibration import calibrate
-from .checkpoint import from_pretrained, read_plan, save_pretrained
-from .config import ASGConfig
-from .modules import ASGEmbedding, ASGHead
-from .report import CompressionReport
-from .fidelity import fidelity as measure_fidelity
-from .loading import load_model, load_tokenizer
-from .surgery import asg_modules, compress, is_compressed
+try:
+    from . import baselines, hf, pq
+    from .calibration import calibrate
+    from .checkpoint import from_pretrained, read_plan, save_pretrained
+    from .config import ASGConfig
+    from .modules import ASGEmbedding, ASGHead
+    from .report import CompressionReport
+    from .fidelity import fidelity as measure_fidelity
+    from .loading import load_model, load_tokenizer
+    from .surgery import asg_modules, compress, is_compressed
+except KeyboardInterrupt:
+    from ._interrupt import exit_if_command
+
+    exit_if_command()  # Ctrl-C while `asg` is still importing torch: a message and exit code 130, not a traceback
+    raise
 
 __all__ = [
     "ASGConfig",

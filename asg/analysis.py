@@ -8,16 +8,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
 
-from . import pq
-from .checkpoint import WEIGHTS_NAME, read_plan
+from . import format as fmt, kernels, pq
+from .checkpoint import read_plan
+from .format import WEIGHTS_NAME
 from .surgery import method_config
 
 
 def parameter_table(path: str | os.PathLike) -> dict[str, Any]:
     """Table 5 / appendices B–C of the paper for one checkpoint: per replaced table and for the whole model."""
     plan = read_plan(path)
+    weights = Path(path) / WEIGHTS_NAME
+    fmt.check_plan_digest(fmt.read_metadata(weights), plan, Path(path))
     report = plan.get("report", {})
     tables = []
     for name, entry in plan["tables"].items():
@@ -83,18 +85,28 @@ def load_table(path: str | os.PathLike, table: str = "input") -> tuple[np.ndarra
         prefixes += tables["input"]["locations"]
     entry = tables[table]
     weights = Path(path) / WEIGHTS_NAME
+    names = set(fmt.tensor_names(weights))
+    prefix = next((p for p in prefixes if f"{p}.codes" in names), None)
+    if prefix is None:
+        raise ValueError(f"{weights} holds no code table for {table} (looked under {prefixes})")
+    state, metadata = fmt.read_weights(weights, [f"{prefix}.codebooks", f"{prefix}.codes"])
+    fmt.check_plan_digest(metadata, plan, Path(path))
+    codebooks, codes = state[f"{prefix}.codebooks"], state[f"{prefix}.codes"]
+    k, m, dim = entry["k"], entry["m"], entry["embedding_dim"]
+    expected = {"codebooks": (k if entry["shared"] else m * k, dim // m), "codes": (entry["num_embeddings"], m)}
+    for name, tensor in (("codebooks", codebooks), ("codes", codes)):
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"{weights}: tensor '{prefix}.{name}' has shape {list(tensor.shape)}, but the config "
+                             f"describes {list(expected[name])}; the checkpoint is damaged, save it again")
+    if not codebooks.is_floating_point() or not bool(codebooks.isfinite().all()):
+        raise ValueError(f"{weights}: tensor '{prefix}.codebooks' is not finite floating point; the checkpoint is damaged")
     try:
-        with safe_open(str(weights), framework="pt") as handle:
-            names = set(handle.keys())
-            prefix = next((p for p in prefixes if f"{p}.codes" in names), None)
-            if prefix is None:
-                raise ValueError(f"{weights} holds no code table for {table} (looked under {prefixes})")
-            codebooks = handle.get_tensor(f"{prefix}.codebooks").float().numpy()
-            codes = handle.get_tensor(f"{prefix}.codes").long().numpy()
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{weights} is missing, truncated or corrupt ({err}); save the checkpoint again") from None
+        kernels.check_codes(codes, k)
+    except ValueError as err:
+        raise ValueError(f"{weights}: tensor '{prefix}.codes': {err}; the checkpoint is damaged") from None
+    codebooks, codes = codebooks.float().numpy(), codes.long().numpy()
     if not entry["shared"]:
-        codebooks = codebooks.reshape(entry["m"], entry["k"], -1)
+        codebooks = codebooks.reshape(m, k, -1)
     return codebooks, codes
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .fidelity import _last_hidden, is_generative
+from .fidelity import _last_hidden, is_generative, token_limit
 from .surgery import compressed_tables
 
 MIN_GAIN = 1e-3  # a held-out loss must fall by this fraction to count as an improvement
@@ -90,6 +90,8 @@ def calibrate(model, reference, texts: list[str], *, tokenizer, steps: int = 300
     reference.eval()
     optimizer = torch.optim.Adam(trainable, lr=lr)
     anchors = _dense_counterparts(model, reference) if anchor else []
+
+    max_length = min(token_limit(model, max_length), token_limit(reference, max_length))
 
     def encode(batch):
         enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length)

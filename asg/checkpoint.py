@@ -11,59 +11,58 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
-import shutil
-import tempfile
 import logging
-import uuid
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from . import atomic, format as fmt
+from .format import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
 from .hf import INDEX_NAME, write_notice_index
 from .loading import architecture_class
 from .modules import CompressedEmbedding
-from .surgery import FORMAT_VERSION, is_compressed, rebuild
+from .surgery import is_compressed, rebuild
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
+#: What a folder of this package held before folders carried a manifest of their files (see asg.atomic).
+PACKAGE_FILES = (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME, "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json",
+                 "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "chat_template.jinja")
 
 
-def save_pretrained(model: nn.Module, path: str | os.PathLike, *, tokenizer=None) -> Path:
-    """Write a compressed model (and optionally its tokenizer) to the folder `path`, atomically."""
+def save_pretrained(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, overwrite: bool = True) -> Path:
+    """Write a compressed model (and optionally its tokenizer) to the folder `path`, atomically.
+
+    An existing ASG folder at `path` is replaced (`overwrite=False` refuses instead, also when another
+    process creates the folder meanwhile); files in it that asg did not write are kept. Same model,
+    same files: every file's bytes depend only on what is saved.
+    """
     plan = getattr(getattr(model, "config", None), "asg", None)
     if not plan or not is_compressed(model):
         raise ValueError("this model is not ASG-compressed; call asg.compress(model, asg.ASGConfig(...)) first")
-    path = Path(path)
-    check_replaceable(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         config = copy.deepcopy(model.config)
         config.architectures = [type(model).__name__]
         config.save_pretrained(tmp)
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None and getattr(model, "can_generate", lambda: False)():
             generation_config.save_pretrained(tmp)
+        written_plan = _point_transformers_at_the_notice(tmp / CONFIG_NAME)
         tensors, aliases = _unique_tensors(model)
-        metadata = {"format": "pt", "asg_format_version": str(FORMAT_VERSION), "asg_aliases": json.dumps(aliases)}
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
+        metadata = {"format": "pt", "asg_format_version": str(FORMAT_VERSION),
+                    "asg_aliases": json.dumps(aliases, sort_keys=True)}
+        fmt.write_weights(tmp / WEIGHTS_NAME, tensors, metadata, plan=written_plan)
         write_notice_index(tmp, sorted(tensors))
-        _point_transformers_at_the_notice(tmp / CONFIG_NAME)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _usual_permissions(tmp)
-        _move_into_place(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+
+    return atomic.write_folder(path, fill, overwrite=overwrite, check_replaceable=check_replaceable,
+                               legacy_names=PACKAGE_FILES)
 
 
 def from_pretrained(path: str | os.PathLike, model_class=None, **config_overrides) -> nn.Module:
@@ -78,62 +77,106 @@ def from_pretrained(path: str | os.PathLike, model_class=None, **config_override
 
     path = Path(path)
     plan = read_plan(path)
-    config = transformers.AutoConfig.from_pretrained(path, **config_overrides)
+    state, aliases = _read_weights(path, plan)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, **config_overrides)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise ValueError(f"{path / CONFIG_NAME} cannot be read by transformers ({err}); the checkpoint is damaged") from None
     # transformers 5 reads some configs (T5) back tied although they were saved untied: restore what was saved.
     if plan.get("tie_word_embeddings") is not None:
         config.tie_word_embeddings = plan["tie_word_embeddings"]
     saved_class = _architecture_class(config, path)
-    state, aliases = _read_weights(path)
     dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
-    try:
-        with _no_init_weights():
-            model = _build(model_class or saved_class, config, dtype)
-    except (AttributeError, TypeError, ValueError, KeyError) as err:
-        raise ValueError(f"{path}: cannot build {getattr(model_class, '__name__', model_class)} from this "
-                         f"checkpoint's {type(config).__name__} ({err}); use a class of the same family") from None
-    same_class = type(model) is saved_class
-    if not same_class:  # a new head's weights are not in the file: build again, initialised
-        model = _build(model_class, config, dtype)
-        plan = _adapt_plan(plan, model, saved_class, state, path)
-    model.tie_weights()  # skipped with the initialisation: the dense ties the config asks for
-    try:
-        rebuild(model, plan)
-    except (AttributeError, KeyError) as err:
-        raise ValueError(f"{path}: the recorded ASG tables do not fit {type(model).__name__} ({err}); "
-                         f"load it with the architecture it was saved from, {config.architectures}") from None
-    if not same_class:
-        state, aliases = _adapt_state(state, aliases, model, saved_class, path)
-    _load_state(model, state, aliases, path, new_head=not same_class)
+    # First on the meta device, where nothing is allocated: a config that disagrees with the weights (a
+    # damaged vocabulary size, say) is refused before it can ask for memory.
+    target = model_class or saved_class
+    with torch.device("meta"):
+        skeleton, stored, stored_aliases = _assemble(path, target, saved_class, config, dtype, plan, state, aliases)
+    _check_stored(skeleton, stored, stored_aliases, path)
+    model, state, aliases = _assemble(path, target, saved_class, config, dtype, plan, state, aliases)
+    _load_state(model, state, aliases, path, new_head=type(model) is not saved_class)
+    validate_tables(model, path / WEIGHTS_NAME)
     if (path / "generation_config.json").exists():
         model.generation_config = transformers.GenerationConfig.from_pretrained(path)
     model.eval()
     return model
 
 
+def validate_tables(model: nn.Module, where) -> None:
+    """ValueError naming `where` and the tensor when a compressed table's loaded state is unusable (codes
+    outside 0..k-1, NaN or infinite values): checked once after loading, so lookups never read out of bounds."""
+    seen = set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, CompressedEmbedding) and id(module) not in seen:
+            seen.add(id(module))
+            try:
+                module.validate()
+            except ValueError as err:
+                raise ValueError(f"{where}: table {name}: {err}; the checkpoint is damaged, save it again") from None
+
+
+def _assemble(path: Path, model_class, saved_class, config, dtype, plan, state, aliases):
+    """The model of `model_class` with empty compressed tables where the plan says, and the stored tensors
+    and aliases renamed for it when it is another class of the family."""
+    try:
+        with _no_init_weights():
+            model = _build(model_class, config, dtype)
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError, RuntimeError) as err:
+        raise ValueError(f"{path}: cannot build {getattr(model_class, '__name__', model_class)} from this "
+                         f"checkpoint's {type(config).__name__} ({err}); use a class of the same family") from None
+    same_class = type(model) is saved_class
+    if not same_class:  # a new head's weights are not in the file: build again, initialised
+        model = _build(model_class, config, dtype)
+        plan = adapt_plan(plan, model, saved_class, state, path)
+    model.tie_weights()  # skipped with the initialisation: the dense ties the config asks for
+    try:
+        rebuild(model, plan)
+    except (AttributeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: the recorded ASG tables do not fit {type(model).__name__} ({err}); "
+                         f"load it with the architecture it was saved from, {config.architectures}") from None
+    if not same_class:
+        state, aliases = _adapt_state(state, aliases, model, saved_class, path)
+    return model, state, aliases
+
+
+def _check_stored(model: nn.Module, state: dict[str, torch.Tensor], aliases: dict[str, str], path: Path) -> None:
+    """ValueError naming the file and tensor when a stored tensor's shape or type disagrees with the model
+    the config describes (integer tables must be stored as the very integer type, never as floats)."""
+    weights = path / WEIGHTS_NAME
+    expected = model.state_dict(keep_vars=True)
+    for name, tensor in state.items():
+        want = expected.get(name)
+        if want is None:
+            continue  # reported by the loader as not belonging to the model
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise ValueError(f"{weights}: tensor {name!r} has shape {list(tensor.shape)}, but the config describes "
+                             f"{list(want.shape)}; the checkpoint is damaged, save it again")
+        if want.is_floating_point() != tensor.is_floating_point() or (not want.is_floating_point()
+                                                                       and want.dtype != tensor.dtype):
+            raise ValueError(f"{weights}: tensor {name!r} is stored as {tensor.dtype}, but it must be "
+                             f"{want.dtype if not want.is_floating_point() else 'floating point'}; "
+                             "the checkpoint is damaged, save it again")
+    for alias, name in aliases.items():
+        if alias not in expected or name not in state:
+            raise ValueError(f"{weights}: the asg_aliases metadata ties {alias!r} to {name!r}, which "
+                             f"{type(model).__name__} or the file does not have; the checkpoint is damaged")
+        if tuple(expected[alias].shape) != tuple(state[name].shape):
+            raise ValueError(f"{weights}: the asg_aliases metadata ties {alias!r} to {name!r} of another shape; "
+                             "the checkpoint is damaged")
+
+
 def read_plan(path: str | os.PathLike) -> dict[str, Any]:
-    """The `asg` section of a checkpoint's config.json; ValueError if `path` is not an ASG checkpoint."""
+    """The `asg` section of a checkpoint's config.json, checked; ValueError if `path` is not an ASG checkpoint."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path} does not exist; give the folder written by asg.save_pretrained or `asg compress`")
     if not path.is_dir():
         raise ValueError(f"{path} is a file, not a checkpoint folder; give the folder written by `asg compress`")
-    config_file = path / CONFIG_NAME
-    if not config_file.exists():
-        raise ValueError(f"{path} is not an ASG checkpoint (it has no {CONFIG_NAME}); "
-                         "create one with asg.save_pretrained or `asg compress`")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_file} is not valid JSON ({err}); the checkpoint is damaged, save it again") from None
-    plan = config.get("asg")
-    if not isinstance(plan, dict):
+    plan = fmt.read_config(path).get("asg")
+    if plan is None:
         raise ValueError(f"{path} is a plain transformers checkpoint, not an ASG one; load it with transformers, "
                          "or compress it first with asg.compress or `asg compress`")
-    version = plan.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(f"{path} was written in ASG format {version!r}, but this asg reads format "
-                         f"{FORMAT_VERSION} or older; upgrade asg (pip install -U asg)")
-    return plan
+    return fmt.validate_plan(plan, str(path / CONFIG_NAME))
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -153,30 +196,13 @@ def check_replaceable(path: Path) -> None:
                              "Choose a new folder or remove it first") from None
 
 
-def _point_transformers_at_the_notice(config_file: Path) -> None:
-    """Name the notice index as this folder's weights for plain transformers (which drops the field when it saves)."""
+def _point_transformers_at_the_notice(config_file: Path) -> dict[str, Any]:
+    """Name the notice index as this folder's weights for plain transformers (which drops the field when it
+    saves); returns the `asg` section as written, which the weights file records a digest of."""
     config = json.loads(config_file.read_text())
     config["transformers_weights"] = INDEX_NAME
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def _usual_permissions(folder: Path) -> None:
-    """The modes a plain mkdir and open would give (mkdtemp and safetensors make them private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for item in folder.rglob("*"):
-        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
-
-
-def _move_into_place(tmp: Path, path: Path) -> None:
-    if not path.exists():
-        os.rename(tmp, path)
-        return
-    backup = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(path, backup)
-    os.rename(tmp, path)
-    shutil.rmtree(backup, ignore_errors=True)
+    return config["asg"]
 
 
 def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -199,17 +225,15 @@ def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, aliases
 
 
-def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_weights(path: Path, plan: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The stored tensors (each checked against its recorded digest) and aliases; the plan checked against
+    the digest the weights file recorded of it."""
     weights = path / WEIGHTS_NAME
-    if not weights.exists():
+    if not weights.is_file():
         raise ValueError(f"{path} has no {WEIGHTS_NAME}; the checkpoint is incomplete, save it again")
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            state = {name: handle.get_tensor(name) for name in handle.keys()}
-    except (SafetensorError, OSError, RuntimeError) as err:
-        raise ValueError(f"{weights} is truncated or corrupt ({err}); save the checkpoint again") from None
-    return state, json.loads(metadata.get("asg_aliases", "{}"))
+    state, metadata = fmt.read_weights(weights)
+    fmt.check_plan_digest(metadata, plan, path)
+    return state, fmt.aliases_of(metadata, weights)
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], aliases: dict[str, str], path: Path,
@@ -237,7 +261,7 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], aliases: dict[
                          "the checkpoint is incomplete, save it again")
 
 
-def _renamer(model: nn.Module, saved_class, state: dict[str, torch.Tensor]):
+def renamer(model: nn.Module, saved_class, state: dict[str, torch.Tensor]):
     """Map names of one class of a model family to another (the same base model, other heads), as
     transformers does through `base_model_prefix`; None for a head the new class does not share."""
     prefix = getattr(saved_class, "base_model_prefix", "") or ""
@@ -253,9 +277,9 @@ def _renamer(model: nn.Module, saved_class, state: dict[str, torch.Tensor]):
     return rename
 
 
-def _adapt_plan(plan, model: nn.Module, saved_class, state, path: Path) -> dict[str, Any]:
+def adapt_plan(plan, model: nn.Module, saved_class, state, path: Path) -> dict[str, Any]:
     """The plan with its table places renamed for `model`; a table it has no place for is left out."""
-    rename = _renamer(model, saved_class, state)
+    rename = renamer(model, saved_class, state)
     modules = {n for n, _ in model.named_modules(remove_duplicate=False)}
     tables = {}
     for name, entry in plan["tables"].items():
@@ -270,7 +294,7 @@ def _adapt_plan(plan, model: nn.Module, saved_class, state, path: Path) -> dict[
 
 def _adapt_state(state, aliases, model: nn.Module, saved_class, path: Path):
     """The stored tensors renamed for `model` (already holding its compressed tables); the rest is left out."""
-    rename = _renamer(model, saved_class, state)
+    rename = renamer(model, saved_class, state)
     present = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     present |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
     renamed = {name: rename(name) for name in state}

@@ -28,6 +28,7 @@ app = typer.Typer(
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+_written: list[Path] = []  # what this command has finished writing, for the message if it is interrupted later
 
 
 def _friendly(command):
@@ -35,10 +36,13 @@ def _friendly(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        _written.clear()
         try:
             return command(*args, **kwargs)
         except KeyboardInterrupt:
-            typer.echo("asg: interrupted; nothing was written", err=True)
+            done = ", ".join(str(path) for path in _written)
+            typer.echo(f"asg: interrupted; {done} was written completely before that" if done
+                       else "asg: interrupted; nothing was written", err=True)
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except (ValueError, OSError) as err:
             typer.echo(f"asg: error: {err}", err=True)
@@ -107,7 +111,7 @@ def compress(
                             backend=backend, seed=seed, niter=niter, weights=weights, norms=norms)
     reference = copy.deepcopy(dense) if fidelity and tokenizer is not None else None
     report = compress_model(dense, config, tokenizer=tokenizer, progress=True)
-    save_pretrained(dense, output, tokenizer=tokenizer)
+    _written.append(save_pretrained(dense, output, tokenizer=tokenizer, overwrite=overwrite))
     typer.echo(str(report))
     typer.echo(f"wrote {output}" + ("" if tokenizer is not None else " (the source had no tokenizer; inspect needs one)"))
     if reference is not None:
@@ -234,7 +238,7 @@ def compare(
     if tokenizer is None:
         raise ValueError(f"{source} has no tokenizer; fidelity needs one")
     vocab_size, dim = dense.get_input_embeddings().weight.shape
-    m = m or suggest_k_m(vocab_size, dim)[1]
+    m = suggest_k_m(vocab_size, dim)[1] if m is None else m
     rows = compare_methods(dense, tokenizer, texts, budget=fraction, by=budget_by, m=m, methods=chosen,
                            progress=True, seed=seed)
     title = f"{name}: embedding compression at {fraction:.2%} of the {budget_by} ({len(texts)} texts)"
@@ -347,7 +351,7 @@ def calibrate(
     model.config.asg["calibration"] = {"steps": result.steps, "best_step": result.best_step, "texts": len(texts),
                                        "heldout_loss_before": result.heldout_before,
                                        "heldout_loss_after": result.heldout_after, "lr": lr, "anchor": anchor}
-    save_pretrained(model, output, tokenizer=tokenizer)
+    _written.append(save_pretrained(model, output, tokenizer=tokenizer, overwrite=overwrite))
     typer.echo(f"calibrated on {len(texts):,} texts: held-out distillation loss {result.heldout_before:.4g} -> "
                f"{result.heldout_after:.4g} (best at step {result.best_step} of {result.steps})")
     after = [measure(model, dense, tokenizer, part) for part in (heldout, held)]
@@ -432,9 +436,10 @@ def _method_config(method, vocab_size, dim, budget, *, k, m, shared, targets, ba
     if method == "asg":
         default_k, default_m, why = suggest_k_m(vocab_size, dim)
         if m is None or (k is None and fraction is None):
-            typer.echo(f"using {'' if k or fraction else f'k={default_k}, '}m={m or default_m} for a {vocab_size:,} x {dim} "
+            chosen_k = "" if k is not None or fraction is not None else f"k={default_k}, "
+            typer.echo(f"using {chosen_k}m={default_m if m is None else m} for a {vocab_size:,} x {dim} "
                        f"table: {why}. Pass --k and --m to choose.", err=True)
-        m = m or default_m
+        m = default_m if m is None else m
         if k is None:
             k = config_for_budget("asg", vocab_size, dim, fraction, m=m).k if fraction is not None else default_k
         return ASGConfig(k=k, m=m, codebook="shared" if shared else "separate", targets=targets, niter=niter,
@@ -494,7 +499,11 @@ def _pieces(tokenizer, word: str) -> list[tuple[str, int]]:
 
 def main() -> None:
     """Entry point of the `asg` console script."""
-    app(prog_name="asg")
+    try:
+        app(prog_name="asg")
+    except KeyboardInterrupt:  # outside a command: while parsing options or importing
+        typer.echo("asg: interrupted; nothing was written", err=True)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

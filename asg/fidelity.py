@@ -34,6 +34,22 @@ def read_texts(path: str | os.PathLike | None = None) -> list[str]:
     return texts
 
 
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "longformer", "mpnet")
+
+
+def token_limit(model, requested: int) -> int:
+    """`requested`, or fewer: the most tokens per text the model's position table takes. RoBERTa-style
+    models start positions after the padding index, so their limit is that much below the table's size."""
+    config = getattr(model, "config", None)
+    limit = next((value for name in ("max_position_embeddings", "n_positions")
+                  if isinstance(value := getattr(config, name, None), int) and value > 0), None)
+    if limit is None:
+        return requested
+    if getattr(config, "model_type", "") in _OFFSET_POSITIONS and isinstance(getattr(config, "pad_token_id", None), int):
+        limit -= config.pad_token_id + 1
+    return max(1, min(requested, limit))
+
+
 def is_generative(model) -> bool:
     """True for models that generate text (causal LMs, encoder–decoders), False for encoders."""
     return bool(getattr(model, "can_generate", lambda: False)())
@@ -50,6 +66,7 @@ def fidelity(model, reference, tokenizer, texts: list[str], *, batch_size: int =
     if tokenizer.pad_token is None:
         batch_size = 1  # no padding token: one text at a time, so no padding is needed
     batches = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
+    max_length = min(token_limit(model, max_length), token_limit(reference, max_length))
     generative = is_generative(reference)
     sums = dict.fromkeys(("kl", "agree", "nll", "ref_nll", "tokens"), 0.0)
     cosines = []

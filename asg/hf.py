@@ -57,7 +57,8 @@ class ASGQuantizer(HfQuantizer):
         return super().update_attn_implementation(config)
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        from .checkpoint import _adapt_plan, _renamer  # noqa: F401  (same family, other head: as asg.from_pretrained)
+        from .checkpoint import adapt_plan  # same family, other head: as asg.from_pretrained
+        from .format import validate_plan
         from .loading import architecture_class
         from .surgery import rebuild
 
@@ -65,14 +66,18 @@ class ASGQuantizer(HfQuantizer):
         if not isinstance(plan, dict):
             raise ValueError("this checkpoint's config names the asg quantization method but has no 'asg' section; "
                              "write it with asg.save_pretrained")
+        validate_plan(plan, "this checkpoint's config")
         saved = architecture_class(model.config)
         if saved is not None and type(model) is not saved:
             locations = [loc for entry in plan["tables"].values() for loc in entry["locations"]]
-            plan = _adapt_plan(plan, model, saved, dict.fromkeys(locations), "this checkpoint")
+            plan = adapt_plan(plan, model, saved, dict.fromkeys(locations), "this checkpoint")
         rebuild(model, plan)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        from .checkpoint import validate_tables
+
+        validate_tables(model, "this checkpoint")  # codes in range, finite values: before anything reads them
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:

@@ -6,6 +6,11 @@ rebuilds table rows from codebooks, and finds row minima for the k-means assignm
 `$ASG_CACHE_DIR` (default `~/.cache/asg`), once per source version and CPU. Where no compiler works,
 or `ASG_NO_KERNELS=1`, every caller falls back to torch code that computes the same numbers more
 slowly, and asg says so once.
+
+The C code trusts its indices, so every wrapper here checks them first: token ids against the code
+table, codes against the codebooks (callers that checked a code table once, as `ASGEmbedding` does,
+say so with `codes_checked=True`). A cached library is loaded only from a folder that no other user
+can write, and only when its SHA-256 matches the one recorded when this package built it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -43,11 +49,13 @@ def available() -> bool:
     return library() is not None
 
 
-def lut_logits(tables: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+def lut_logits(tables: torch.Tensor, codes: torch.Tensor, *, codes_checked: bool = False) -> torch.Tensor:
     """out[b, t] = Σ_i tables[b, i, codes[t, i]]: tables (B, m, k) float32, codes (V, m) -> (B, V) float32."""
     lib = library()
     batch, m, k = tables.shape
     vocab = codes.shape[0]
+    _check_float32(tables, "tables")
+    _check_codes(codes, m, k, codes_checked)
     out = torch.empty(batch, vocab, dtype=torch.float32)
     suffix = _SUFFIX[codes.dtype]
     codes = codes.contiguous()
@@ -66,15 +74,26 @@ def lut_logits(tables: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def gather(codebooks: torch.Tensor, codes: torch.Tensor, step: int, ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows concat_i codebooks[i·step + codes[t, i]] for t in `ids` (every token when None): (n, m·D/m) float32."""
+def gather(codebooks: torch.Tensor, codes: torch.Tensor, step: int, ids: torch.Tensor | None = None, *,
+           codes_checked: bool = False) -> torch.Tensor:
+    """Rows concat_i codebooks[i·step + codes[t, i]] for t in `ids` (every token when None): (n, m·D/m) float32.
+
+    IndexError for an id outside 0..V-1, as `nn.Embedding` raises."""
     lib = library()
+    _check_float32(codebooks, "codebooks")
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be a (V, m) table, got shape {tuple(codes.shape)}")
     m = codes.shape[1]
     dim = codebooks.shape[1]
+    k = codebooks.shape[0] if step == 0 else step
+    if step not in (0, k) or (step and codebooks.shape[0] != m * step):
+        raise ValueError(f"codebooks of {codebooks.shape[0]} rows do not hold {m} segments of {step} concepts")
+    _check_codes(codes, m, k, codes_checked)
     codes = codes.contiguous()
     codebooks = codebooks.contiguous()
     if ids is not None:
         ids = ids.reshape(-1).to(torch.int64).contiguous()
+        check_ids(ids, codes.shape[0])
     count = codes.shape[0] if ids is None else ids.numel()
     out = torch.empty(count, m * dim, dtype=torch.float32)
     getattr(lib, f"asg_gather_{_SUFFIX[codes.dtype]}")(
@@ -85,8 +104,54 @@ def gather(codebooks: torch.Tensor, codes: torch.Tensor, step: int, ids: torch.T
 
 def argmin_rows(matrix: torch.Tensor, out: torch.Tensor) -> None:
     """out[r] = index of the first minimum of row r: matrix (n, k) float32 and out (n,) int64, both contiguous."""
+    _check_float32(matrix, "matrix")
+    if (matrix.dim() != 2 or out.dtype != torch.int64 or out.shape != matrix.shape[:1] or not out.is_contiguous()
+            or out.device.type != "cpu"):
+        raise ValueError("argmin_rows needs a (n, k) matrix and a contiguous (n,) int64 output")
+    if not matrix.is_contiguous():
+        raise ValueError("argmin_rows needs a contiguous matrix")
     library().asg_argmin_rows(_ptr(matrix), _i64(matrix.shape[0]), _i64(matrix.shape[1]), _ptr(out),
                               ctypes.c_int(torch.get_num_threads()))
+
+
+def check_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """IndexError unless every token id is in 0..vocab_size-1 (what `nn.Embedding` raises, with the fix)."""
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"token ids must be integers, got {ids.dtype}")
+    if ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise IndexError(f"token id {bad} is outside the vocabulary of {vocab_size} tokens (ids 0..{vocab_size - 1}); "
+                         "if the tokenizer has added tokens, call model.resize_token_embeddings(len(tokenizer))")
+
+
+def check_codes(codes: torch.Tensor, k: int) -> None:
+    """ValueError unless codes are an integer table whose values all lie in 0..k-1."""
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise ValueError(f"codes must be integers, got {codes.dtype}")
+    if not codes.numel():
+        return
+    if codes.dtype in (torch.uint16, torch.uint32, torch.uint64):  # torch has no min/max for these
+        codes = codes.to(torch.int64)
+    low, high = int(codes.min()), int(codes.max())
+    if low < 0 or high >= k:
+        raise ValueError(f"codes must lie in 0..{k - 1} (k={k}), found values from {low} to {high}")
+
+
+def _check_codes(codes: torch.Tensor, m: int, k: int, checked: bool) -> None:
+    if codes.dtype not in _SUFFIX:
+        raise ValueError(f"codes must be one of {sorted(str(d) for d in _SUFFIX)}, got {codes.dtype}")
+    if codes.dim() != 2 or codes.shape[1] != m or codes.device.type != "cpu":
+        raise ValueError(f"codes must be a (V, {m}) CPU table, got shape {tuple(codes.shape)} on {codes.device}")
+    if not checked:
+        check_codes(codes, k)
+
+
+def _check_float32(tensor: torch.Tensor, name: str) -> None:
+    if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
+        raise ValueError(f"{name} must be a float32 CPU tensor, got {tensor.dtype} on {tensor.device}")
 
 
 # --- building the library ------------------------------------------------------------------------
@@ -110,28 +175,74 @@ def _load() -> ctypes.CDLL | None:
 
 
 def _build() -> Path:
+    """The path of a library built from this source, verified: reused from the cache when the cache folder
+    is private to this user and the file's SHA-256 is the one recorded at build time, else built anew."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler found (set $CC or install gcc)")
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_fingerprint().encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("ASG_CACHE_DIR") or Path.home() / ".cache" / "asg")
+    cache = _private_cache()
     target = cache / f"asg_kernels-{key}.so"
-    if target.exists():
+    record = cache / f"asg_kernels-{key}.sha256"
+    if _verified(target, record):
         return target
-    cache.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     try:
         for flags in (FLAGS, [f for f in FLAGS if f != "-march=native"]):
             done = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
             if done.returncode == 0:
+                os.chmod(tmp, 0o700)
+                _write_private(record, _sha256(Path(tmp)) + "\n")
                 os.replace(tmp, target)  # atomic: concurrent builders never load a half-written file
                 return target
         raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _private_cache() -> Path:
+    """`$ASG_CACHE_DIR` or ~/.cache/asg, created private (0700); refused (RuntimeError) when another user owns
+    it or may write to it, since a library planted there would run inside this process."""
+    cache = Path(os.environ.get("ASG_CACHE_DIR") or Path.home() / ".cache" / "asg")
+    cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not _private(cache):
+        raise RuntimeError(f"the kernel cache {cache} is writable by other users or owned by another user; "
+                           f"run chmod 700 {cache}, or set ASG_CACHE_DIR to a private folder")
+    return cache
+
+
+def _private(path: Path) -> bool:
+    info = path.lstat()
+    owner_ok = not hasattr(os, "getuid") or info.st_uid == os.getuid()
+    return owner_ok and not info.st_mode & 0o022 and not stat.S_ISLNK(info.st_mode)
+
+
+def _verified(library_path: Path, record: Path) -> bool:
+    """True when both files are this user's, private, and the library's SHA-256 is the recorded one."""
+    try:
+        if not (_private(library_path) and _private(record)):
+            return False
+        return record.read_text().strip() == _sha256(library_path)
+    except OSError:
+        return False
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
 
 
 def _cpu_fingerprint() -> str:

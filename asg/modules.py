@@ -89,6 +89,7 @@ class CompressedEmbedding(nn.Module):
         raise NotImplementedError
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        kernels.check_ids(input_ids, self.num_embeddings)
         out = self.lookup(input_ids)
         if self.embed_scale is not None:  # as Gemma does: the scale as float32, then in the table's dtype
             out = out * torch.tensor(self.embed_scale, dtype=torch.float32, device=out.device).to(out.dtype)
@@ -115,6 +116,13 @@ class CompressedEmbedding(nn.Module):
     @classmethod
     def empty(cls, spec: dict[str, Any], *, dtype=None, device=None, embed_scale=None) -> "CompressedEmbedding":
         raise NotImplementedError
+
+    def validate(self) -> None:
+        """ValueError naming the tensor when the state is not a usable table (checked after loading a file):
+        every floating-point tensor must be finite. Subclasses add their shapes, types and index ranges."""
+        for name, tensor in self.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"tensor {name!r} holds NaN or infinite values")
 
     def value_count(self) -> int:
         """How many numbers define the table's values (trainable or frozen), index tables excluded."""
@@ -174,6 +182,7 @@ class ASGEmbedding(CompressedEmbedding):
         size = num_embeddings if norms == "row" else 1
         self.norms = nn.Parameter(torch.ones(size, dtype=dtype, device=device)) if norms else None
         self._scale_cache: tuple | None = None  # (weak refs, versions, row_scale()) for inference
+        self._codes_checked: tuple | None = None  # (weak ref, version) of the code table last found in 0..k-1
         self._path_times: dict[int, dict[str, float]] = {}  # logits: seconds per row of each path, by size class
 
     @classmethod
@@ -208,7 +217,25 @@ class ASGEmbedding(CompressedEmbedding):
 
     def concept_ids(self) -> torch.Tensor:
         """The paper's ConceptIDs (V, m) long: row i·k + s_i of E' (s_i itself for a shared codebook)."""
-        return self.codes.long() + self._offsets()
+        return self.checked_codes().long() + self._offsets()
+
+    def checked_codes(self) -> torch.Tensor:
+        """`codes`, after making sure (once per change of the buffer) that every code lies in 0..k-1: a code
+        outside would read another segment's concepts, or memory outside the codebooks in the C kernels."""
+        codes = self.codes
+        state = self._codes_checked
+        if state is None or state[0]() is not codes or state[1] != codes._version:
+            kernels.check_codes(codes, self.k)
+            self._codes_checked = (weakref.ref(codes), codes._version)
+        return codes
+
+    def validate(self) -> None:
+        """Codes in 0..k-1 and finite values (ValueError naming the tensor)."""
+        try:
+            self.checked_codes()
+        except ValueError as err:
+            raise ValueError(f"tensor 'codes': {err}") from None
+        super().validate()
 
     def _offsets(self) -> torch.Tensor:
         """i·k for each segment i: where segment i's codebook starts in E' (all 0 for a shared codebook)."""
@@ -223,10 +250,13 @@ class ASGEmbedding(CompressedEmbedding):
 
     def _rows(self, ids: torch.Tensor | None) -> torch.Tensor:
         """Rows (n, D) for `ids` (every token when None): the C gather on CPU float32, else torch indexing."""
+        codes = self.checked_codes()
+        if ids is not None:
+            kernels.check_ids(ids, self.num_embeddings)
         if self.codebooks.device.type == "cpu" and self.codebooks.dtype == torch.float32 and kernels.available():
-            rows = _GatherRows.apply(self.codebooks, self.codes, self._step(), ids)
+            rows = _GatherRows.apply(self.codebooks, codes, self._step(), ids)
         else:
-            concept_ids = self.concept_ids() if ids is None else self.codes[ids.reshape(-1)].long() + self._offsets()
+            concept_ids = self.concept_ids() if ids is None else codes[ids.reshape(-1)].long() + self._offsets()
             rows = F.embedding(concept_ids, self.codebooks).flatten(-2)
         return rows if self.norms is None else rows * self.row_scale(ids)[:, None]
 
@@ -235,7 +265,8 @@ class ASGEmbedding(CompressedEmbedding):
         norm-preserving reconstruction applies. ||row||² is the sum of its concept vectors' squared norms."""
         if ids is not None:
             ids = ids.reshape(-1)
-            squared = self.codebooks.square().sum(-1)[self.codes[ids].long() + self._offsets()].sum(-1)
+            kernels.check_ids(ids, self.num_embeddings)
+            squared = self.codebooks.square().sum(-1)[self.checked_codes()[ids].long() + self._offsets()].sum(-1)
             return (self.norms[ids] if self.norm_mode == "row" else self.norms) / squared.clamp_min(1e-24).sqrt()
         if torch.is_grad_enabled() and (self.codebooks.requires_grad or self.norms.requires_grad):
             squared = self.codebooks.square().sum(-1)[self.concept_ids()].sum(-1)
@@ -253,14 +284,14 @@ class ASGEmbedding(CompressedEmbedding):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {**state, "_scale_cache": None}  # weak references do not pickle; the cache rebuilds itself
+        return {**state, "_scale_cache": None, "_codes_checked": None}  # weak references do not pickle; both rebuild
 
     def _squared_lengths(self) -> torch.Tensor:
         """||row||² of every row (V,): the lookup-table kernel summing each code's concept squared norm."""
         squared = self.codebooks.square().sum(-1)
         if self.codebooks.device.type == "cpu" and self.codebooks.dtype == torch.float32 and kernels.available():
             table = squared.expand(self.m, self.k) if self.shared else squared.view(self.m, self.k)
-            return kernels.lut_logits(table.reshape(1, self.m, self.k), self.codes)[0]
+            return kernels.lut_logits(table.reshape(1, self.m, self.k), self.checked_codes(), codes_checked=True)[0]
         return squared[self.concept_ids()].sum(-1)
 
     def logits(self, hidden: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -273,7 +304,7 @@ class ASGEmbedding(CompressedEmbedding):
         path, bucket = self._pick_path(flat.shape[0])
         start = time.perf_counter()
         if path == "lookup":
-            out = kernels.lut_logits(self._segment_scores(flat), self.codes)
+            out = kernels.lut_logits(self._segment_scores(flat), self.checked_codes(), codes_checked=True)
             if self.norms is not None:
                 out *= self.row_scale()
         else:
@@ -301,7 +332,7 @@ class ASGEmbedding(CompressedEmbedding):
         """Eq. 2 in torch: score each segment of hidden against its codebook, then sum the m scores each token picks."""
         flat = hidden.reshape(-1, self.embedding_dim)
         tables = self._segment_scores(flat).reshape(flat.shape[0], -1)
-        rows = self.codes.long() + torch.arange(self.m, device=hidden.device) * self.k  # (V, m) into the m·k scores
+        rows = self.checked_codes().long() + torch.arange(self.m, device=hidden.device) * self.k  # (V, m) into the m·k scores
         logits = tables[:, rows].sum(-1)
         if self.norms is not None:
             logits = logits * self.row_scale()
@@ -378,7 +409,7 @@ class _GatherRows(torch.autograd.Function):
     def forward(ctx, codebooks, codes, step, ids):
         ctx.save_for_backward(codes, ids if ids is not None else torch.empty(0, dtype=torch.long))
         ctx.step, ctx.all_rows, ctx.rows = step, ids is None, codebooks.shape[0]
-        return kernels.gather(codebooks, codes, step, ids)
+        return kernels.gather(codebooks, codes, step, ids, codes_checked=True)
 
     @staticmethod
     def backward(ctx, grad):

@@ -124,7 +124,10 @@ def method_config(plan: dict[str, Any]):
     method = plan.get("method", "asg")
     if method not in _METHODS:
         raise ValueError(f"unknown compression method {method!r}; known methods are {sorted(_METHODS)}")
-    return _METHODS[method].from_dict(plan["config"])
+    try:
+        return _METHODS[method].from_dict(plan.get("config", {}))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"the recorded {method} settings are not valid ({err}); the checkpoint is damaged") from None
 
 
 def rebuild(model: nn.Module, plan: dict[str, Any]) -> None:
@@ -267,6 +270,10 @@ _METHODS: dict[str, type] = {"asg": ASGConfig}
 
 
 def _empty_like(entry: dict[str, Any], dense: nn.Module) -> CompressedEmbedding:
+    shape = (entry["num_embeddings"], entry["embedding_dim"])
+    if tuple(dense.weight.shape) != shape:
+        raise ValueError(f"the model's config builds a {list(dense.weight.shape)} table at {entry['locations'][0]}, "
+                         f"but the asg section records {list(shape)}; the config or the asg section is damaged")
     return CompressedEmbedding.from_spec(entry, dtype=dense.weight.dtype, device=dense.weight.device,
                                          embed_scale=entry.get("embed_scale"))
 

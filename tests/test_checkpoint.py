@@ -118,7 +118,7 @@ def test_a_crash_while_writing_leaves_nothing_behind(tmp_path, monkeypatch):
     def explode(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(checkpoint, "save_file", explode)
+    monkeypatch.setattr(checkpoint.fmt, "write_weights", explode)
     with pytest.raises(RuntimeError, match="disk full"):
         asg.save_pretrained(compressed("bert"), tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []

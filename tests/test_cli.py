@@ -245,7 +245,7 @@ def test_an_interrupted_write_leaves_no_output(model_dir, tmp_path, monkeypatch)
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint, "save_file", interrupt)
+    monkeypatch.setattr(checkpoint.fmt, "write_weights", interrupt)
     result = run("compress", str(model_dir), "--k", "16", "--m", "8", "-o", str(tmp_path / "out"))
     assert_user_error(result, "interrupted; nothing was written", code=130)
     assert list(tmp_path.iterdir()) == []

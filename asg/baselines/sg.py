@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import pq
+from .. import kernels, pq
 from ..config import SerializableConfig, BACKENDS, validate_targets
 from ..modules import CompressedEmbedding, index_dtype
 
@@ -82,6 +82,14 @@ class GroupedEmbedding(CompressedEmbedding):
     def logits(self, hidden: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         scores = F.linear(hidden, self.vectors)[..., self.groups.long()]  # score each group once
         return scores if bias is None else scores + bias
+
+    def validate(self) -> None:
+        """Every group index in 0..G-1, finite vectors."""
+        try:
+            kernels.check_codes(self.groups, self.num_groups)
+        except ValueError as err:
+            raise ValueError(f"tensor 'groups': {err}") from None
+        super().validate()
 
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "num_groups": self.num_groups}

@@ -10,9 +10,11 @@ process writes files.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,9 @@ from . import registry
 from .data import DEFAULT_LANG
 
 _LANG_SEP = "="
+RUN_MARK = "asg-finetune-run"  # settings.json["written_by"]: this folder is a run of this package
+RUN_FILES = ("settings.json", "metrics.json", "checkpoints", "model", "predictions")  # what a run writes
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,11 +62,13 @@ def finetune(settings: FinetuneSettings) -> dict[str, Any]:
 
     task = registry.get_task(settings.task)
     run = Path(settings.output)
-    _prepare_run(run, settings.overwrite)
+    _check_run_folder(run, settings.overwrite)
     train = _limit(_load_train(task, settings), settings.max_train_examples)
     evals = {lang: _limit(rows, settings.max_eval_examples) for lang, rows in _load_evals(task, settings).items()}
-    labels = task.kind.labels(train + [ex for rows in evals.values() for ex in rows])
+    train, evals = _answerable(train, evals)
+    labels = _labels(task.kind, train, evals)
     model, tokenizer, source = load_model(settings.model, task.kind, labels)
+    _clear_finished_run(run)  # only now that every input has been read and checked
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     report = _compress(model, settings.compression) if settings.compression else _recorded_report(model)
     hparams = _hyperparameters(task, settings, seq2seq, evals)
@@ -69,8 +76,8 @@ def finetune(settings: FinetuneSettings) -> dict[str, Any]:
                        _encode(task.kind, tokenizer, train, labels, settings.max_length, seq2seq, True), settings)
     checkpoint = get_last_checkpoint(str(run / "checkpoints")) if (run / "checkpoints").is_dir() else None
     if trainer.is_world_process_zero():
-        _write_json(run / "settings.json", {"task": task.name, "model": source, "labels": labels,
-                                            "hyperparameters": hparams, "compression": report})
+        _write_json(run / "settings.json", {"written_by": RUN_MARK, "task": task.name, "model": source,
+                                            "labels": labels, "hyperparameters": hparams, "compression": report})
     start = time.time()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     train_info = {"examples": len(train), "lang": settings.train_lang, "seconds": round(time.time() - start, 1),
@@ -297,15 +304,82 @@ def _is_asg_folder(source: str) -> bool:
     return config.exists() and "asg" in json.loads(config.read_text())
 
 
-def _prepare_run(run: Path, overwrite: bool) -> None:
+def _check_run_folder(run: Path, overwrite: bool) -> None:
+    """ValueError unless `run` is free, empty, an unfinished run to resume, or (with `overwrite`) a finished run."""
+    if not run.exists():
+        return
+    if not run.is_dir():
+        raise ValueError(f"{run} is a file; choose a folder for the run")
     if (run / "metrics.json").exists():
         if not overwrite:
             raise ValueError(f"{run} holds a finished run; evaluate it with `asg evaluate {run}`, choose another "
                              "folder, or pass --overwrite")
-        shutil.rmtree(run)
-    elif run.exists() and any(run.iterdir()) and not (run / "checkpoints").is_dir():
+        if not _is_run(run):
+            raise ValueError(f"{run} holds a metrics.json but its settings.json does not mark it as a run of "
+                             "`asg finetune`; refusing to replace it. Choose another folder")
+    elif any(run.iterdir()) and not ((run / "checkpoints").is_dir() and _is_run(run, unfinished=True)):
         raise ValueError(f"{run} exists and is not a run folder; choose another folder")
-    run.mkdir(parents=True, exist_ok=True)
+
+
+def _is_run(run: Path, unfinished: bool = False) -> bool:
+    """True when settings.json marks `run` as written by `asg finetune` (or has the shape older versions wrote)."""
+    try:
+        settings = json.loads((run / "settings.json").read_text())
+    except FileNotFoundError:
+        return unfinished  # a run interrupted before its settings were written holds only checkpoints/
+    except (OSError, ValueError):
+        return False
+    return isinstance(settings, dict) and (settings.get("written_by") == RUN_MARK
+                                           or {"task", "labels", "hyperparameters"} <= set(settings))
+
+
+def _clear_finished_run(run: Path) -> None:
+    """Remove what an earlier finished run wrote into `run` (checked by `_check_run_folder`); other files stay."""
+    if not (run / "metrics.json").exists():
+        return
+    for name in RUN_FILES:
+        item = run / name
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item)
+        elif item.exists() or item.is_symlink():
+            item.unlink()
+
+
+def _answerable(train: list[dict], evals: dict[str, list[dict]]) -> tuple[list[dict], dict[str, list[dict]]]:
+    """QA without an answer (SQuAD 2.0's unanswerable questions): left out of training with a count, refused in
+    evaluation, since an extractive head always predicts a span and cannot be scored on them."""
+    def unanswerable(ex) -> bool:
+        return isinstance(ex.get("answers"), dict) and not ex["answers"].get("text")
+
+    dropped = sum(map(unanswerable, train))
+    if dropped:
+        logger.warning("left out %d training questions without an answer (unanswerable questions)", dropped)
+        print(f"asg: left out {dropped} of {len(train)} training questions that have no answer", file=sys.stderr)
+        train = [ex for ex in train if not unanswerable(ex)]
+    for lang, rows in evals.items():
+        count = sum(map(unanswerable, rows))
+        if count:
+            raise ValueError(f"{count} evaluation questions ({lang}) have no answer (\"answers\": []); this task scores "
+                             "extractive answers as SQuAD 1.1 and TyDiQA-GoldP do: remove unanswerable questions")
+    if not train and dropped:
+        raise ValueError("no training question has an answer; give answered questions to train on")
+    return train, evals
+
+
+def _labels(kind, train: list[dict], evals: dict[str, list[dict]]) -> list[str]:
+    """The label list of the run. Evaluation labels that training never shows are an error for classification
+    (the head could not learn them) and a warning for tagging (a rare tag may be missing from a small set)."""
+    evaluation = [ex for rows in evals.values() for ex in rows]
+    seen, wanted = set(kind.labels(train)), set(kind.labels(evaluation))
+    unseen = sorted(wanted - seen)
+    if unseen and seen:
+        message = (f"the evaluation data has labels {unseen} that the training data never shows "
+                   f"(training labels: {sorted(seen)})")
+        if kind.name == "nli":
+            raise ValueError(message + "; use the same label names in both files")
+        logger.warning(message)
+        print(f"asg: warning: {message}; the model cannot learn to predict them", file=sys.stderr)
+    return kind.labels(train + evaluation)
 
 
 def _save_model(model, tokenizer, target: Path) -> None:
@@ -315,12 +389,13 @@ def _save_model(model, tokenizer, target: Path) -> None:
     if is_compressed(model):
         save_pretrained(model, target, tokenizer=tokenizer)
         return
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.rename(tmp, target)
+    from ..atomic import write_folder
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    write_folder(target, fill, overwrite=True)
 
 
 def _write_json(path: Path, data: dict) -> None:

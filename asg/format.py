@@ -1,0 +1,236 @@
+"""The files of an ASG checkpoint: names, the weights file (safetensors, written in a fixed order with a
+digest of every tensor), and the checks that a folder read from disk passes before any of it is used.
+
+Nothing here knows models or modules; it is the bottom layer that `checkpoint`, `hf` and `analysis` read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+FORMAT_VERSION = 1
+TABLES = ("input", "output")
+
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64", torch.bool: "BOOL"}
+_DIGESTS = "asg_sha256"  # metadata key: {tensor name: SHA-256 of its bytes}, JSON
+_PLAN_DIGEST = "asg_plan_sha256"  # metadata key: SHA-256 of the config's `asg` section as written
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes in row-major order."""
+    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+    return hashlib.sha256(memoryview(data)).hexdigest()
+
+
+def plan_digest(plan: dict[str, Any]) -> str:
+    """SHA-256 of the `asg` section as canonical JSON: what the weights file records of the config it belongs to."""
+    return hashlib.sha256(json.dumps(plan, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def write_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                  plan: dict[str, Any] | None = None) -> None:
+    """Write a safetensors file whose bytes depend only on the tensors and metadata: names sorted, the header
+    in a fixed order (the safetensors writer orders metadata differently from run to run), each tensor's
+    SHA-256 and the plan's recorded so that a damaged file is refused on load instead of read wrongly."""
+    metadata = {**metadata, _DIGESTS: json.dumps({name: tensor_digest(t) for name, t in sorted(tensors.items())},
+                                                 sort_keys=True)}
+    if plan is not None:
+        metadata[_PLAN_DIGEST] = plan_digest(plan)
+    # Larger elements first keeps every tensor aligned to its element size (the data starts 8-aligned).
+    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for name in order:
+        tensor = tensors[name]
+        if tensor.dtype not in _DTYPES:
+            raise ValueError(f"cannot store tensor {name!r} of type {tensor.dtype}")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(text)))
+        handle.write(text)
+        for name in order:
+            handle.write(memoryview(tensors[name].detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file (ValueError when the file is missing, truncated or corrupt)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise ValueError(f"{path} is missing, truncated or corrupt ({err}); save the checkpoint again") from None
+
+
+def tensor_names(path: Path) -> list[str]:
+    """The names of the tensors in a safetensors file (ValueError when it is missing, truncated or corrupt)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys())
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise ValueError(f"{path} is missing, truncated or corrupt ({err}); save the checkpoint again") from None
+
+
+def read_weights(path: Path, names: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors (all, or `names`) and metadata of a safetensors file, each tensor checked against the
+    digest recorded when it was written (files written by other tools carry none and are read as they are)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            available = set(handle.keys())
+            wanted = sorted(available) if names is None else names
+            missing = [name for name in wanted if name not in available]
+            if missing:
+                raise ValueError(f"{path} holds no tensor {missing[0]!r}; the checkpoint is incomplete, save it again")
+            state = {name: handle.get_tensor(name) for name in wanted}
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise ValueError(f"{path} is truncated or corrupt ({err}); save the checkpoint again") from None
+    digests = _json_field(metadata, _DIGESTS, dict, path)
+    if digests is not None:
+        unknown = sorted(available - set(digests))
+        if unknown:
+            raise ValueError(f"{path}: tensor {unknown[0]!r} was not written with this file; the file is damaged")
+        for name, tensor in state.items():
+            if digests[name] != tensor_digest(tensor):
+                raise ValueError(f"{path}: tensor {name!r} does not match the checksum recorded when it was "
+                                 "written; the file is damaged, save the checkpoint again")
+    return state, metadata
+
+
+def check_plan_digest(metadata: dict[str, str], plan: dict[str, Any], path: Path) -> None:
+    """ValueError when the weights file records a different `asg` section than the config holds."""
+    recorded = metadata.get(_PLAN_DIGEST)
+    if recorded is not None and recorded != plan_digest(plan):
+        raise ValueError(f"{path / CONFIG_NAME}: the 'asg' section differs from the one {WEIGHTS_NAME} was written "
+                         "with; the config was edited or damaged. Restore it, or compress the model again")
+
+
+def aliases_of(metadata: dict[str, str], path: Path) -> dict[str, str]:
+    """{alias name: stored name} from a weights file's metadata (ValueError when malformed)."""
+    aliases = _json_field(metadata, "asg_aliases", dict, path) or {}
+    if not all(isinstance(a, str) and isinstance(n, str) for a, n in aliases.items()):
+        raise ValueError(f"{path}: the asg_aliases metadata must map tensor names to tensor names")
+    return aliases
+
+
+def _json_field(metadata: dict[str, str], key: str, kind: type, path: Path):
+    if key not in metadata:
+        return None
+    try:
+        value = json.loads(metadata[key])
+    except (json.JSONDecodeError, TypeError):
+        value = None
+    if not isinstance(value, kind):
+        raise ValueError(f"{path}: the {key} metadata is damaged (not a JSON {kind.__name__}); save the checkpoint again")
+    return value
+
+
+# --- the config's `asg` section -------------------------------------------------------------------
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A folder's config.json as a dict (ValueError with the fix when absent, not JSON, or not an object)."""
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
+        raise ValueError(f"{path} is not an ASG checkpoint (it has no {CONFIG_NAME}); "
+                         "create one with asg.save_pretrained or `asg compress`")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+        raise ValueError(f"{config_file} is not valid JSON ({err}); the checkpoint is damaged, save it again") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} holds a JSON {type(config).__name__}, not an object; the checkpoint is "
+                         "damaged, save it again")
+    return config
+
+
+def validate_plan(plan: Any, where: str) -> dict[str, Any]:
+    """Check the structure of an `asg` section before anything is built from it; ValueError naming the field."""
+    def fail(field: str, need: str):
+        raise ValueError(f"{where}: the asg section's {field} {need}; the checkpoint is damaged, save it again")
+
+    if not isinstance(plan, dict):
+        fail("value", "must be an object")
+    version = plan.get("format_version")
+    if not _is_int(version) or version < 1:
+        fail("format_version", f"must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{where} was written in ASG format {version}, but this asg reads format {FORMAT_VERSION} "
+                         "or older; upgrade asg (pip install -U asg)")
+    if not isinstance(plan.get("method", "asg"), str):
+        fail("method", "must be a string")
+    if not isinstance(plan.get("config", {}), dict):
+        fail("config", "must be an object")
+    tables = plan.get("tables")
+    if not isinstance(tables, dict) or not tables or set(tables) - set(TABLES):
+        fail("tables", f"must be an object with an 'input' and/or 'output' entry, got {_short(tables)}")
+    for name, entry in tables.items():
+        _validate_table(name, entry, fail)
+    if tables.get("output", {}).get("tied") and "input" not in tables:
+        fail("tables.output.tied", "is true but there is no input table to tie to")
+    return plan
+
+
+def _validate_table(name: str, entry: Any, fail) -> None:
+    field = f"tables.{name}"
+    if not isinstance(entry, dict):
+        fail(field, "must be an object")
+    locations = entry.get("locations")
+    if not isinstance(locations, list) or not locations or not all(isinstance(p, str) and p for p in locations):
+        fail(f"{field}.locations", "must be a non-empty list of module paths")
+    if not isinstance(entry.get("kind", "asg"), str):
+        fail(f"{field}.kind", "must be a string")
+    for key in ("num_embeddings", "embedding_dim"):
+        if not _is_int(entry.get(key)) or entry[key] < 1:
+            fail(f"{field}.{key}", f"must be a positive integer, got {_short(entry.get(key))}")
+    for key in ("value_count", "index_bytes", "storage_bytes"):
+        if not _is_int(entry.get(key)) or entry[key] < 0:
+            fail(f"{field}.{key}", f"must be a non-negative integer, got {_short(entry.get(key))}")
+    if entry.get("padding_idx") is not None and not _is_int(entry["padding_idx"]):
+        fail(f"{field}.padding_idx", "must be an integer or null")
+    scale = entry.get("embed_scale")
+    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale)):
+        fail(f"{field}.embed_scale", "must be a finite number or null")
+    if name == "output":
+        for key in ("tied", "bias"):
+            if not isinstance(entry.get(key), bool):
+                fail(f"{field}.{key}", "must be true or false")
+    if entry.get("kind", "asg") == "asg":
+        for key in ("k", "m"):
+            if not _is_int(entry.get(key)) or entry[key] < 1:
+                fail(f"{field}.{key}", f"must be a positive integer, got {_short(entry.get(key))}")
+        if entry["embedding_dim"] % entry["m"]:
+            fail(f"{field}.m", f"({entry['m']}) must divide embedding_dim ({entry['embedding_dim']})")
+        if not isinstance(entry.get("shared"), bool):
+            fail(f"{field}.shared", "must be true or false")
+        if entry.get("norms") not in (None, "row", "scalar"):
+            fail(f"{field}.norms", "must be null, 'row' or 'scalar'")
+        if entry["k"] > (1 << 31) - 1:
+            fail(f"{field}.k", "is too large")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
