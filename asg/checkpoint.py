@@ -115,6 +115,28 @@ def validate_tables(model: nn.Module, where) -> None:
                 raise ValueError(f"{where}: table {name}: {err}; the checkpoint is damaged, save it again") from None
 
 
+def check_loaded_from(model: nn.Module, path: str | os.PathLike) -> None:
+    """For a model that transformers loaded from the ASG folder `path` (which casts what it reads): the
+    config's `asg` section is the one the weights were written with, and every integer table (codes,
+    groups) was stored as its own integer type, not cast from floats or wider integers."""
+    path = Path(path)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        return  # sharded or remote: transformers has read it; the tables' values are still validated
+    plan = read_plan(path)
+    fmt.check_plan_digest(fmt.read_metadata(weights), plan, path)
+    stored = fmt.stored_types(weights)
+    for table, entry in plan["tables"].items():
+        empty = CompressedEmbedding.from_spec(entry, device="meta")  # the types the recorded table holds
+        for location in entry["locations"]:
+            prefix = f"{location}.embedding." if table == "output" else f"{location}."
+            for name, tensor in empty.state_dict().items():
+                kind = stored.get(prefix + name)
+                if kind is not None and not tensor.is_floating_point() and kind != fmt.type_name(tensor.dtype):
+                    raise ValueError(f"{weights}: tensor {prefix + name!r} is stored as {kind}, but it must be "
+                                     f"{fmt.type_name(tensor.dtype)}; the checkpoint is damaged, save it again")
+
+
 def _assemble(path: Path, model_class, saved_class, config, dtype, plan, state, aliases):
     """The model of `model_class` with empty compressed tables where the plan says, and the stored tensors
     and aliases renamed for it when it is another class of the family."""

@@ -89,6 +89,20 @@ def tensor_names(path: Path) -> list[str]:
         raise ValueError(f"{path} is missing, truncated or corrupt ({err}); save the checkpoint again") from None
 
 
+def stored_types(path: Path) -> dict[str, str]:
+    """{tensor name: safetensors dtype ("U8", "F32", ...)} from a file's header, without reading the data."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: handle.get_slice(name).get_dtype() for name in handle.keys()}
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise ValueError(f"{path} is missing, truncated or corrupt ({err}); save the checkpoint again") from None
+
+
+def type_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype."""
+    return _DTYPES[dtype]
+
+
 def read_weights(path: Path, names: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors (all, or `names`) and metadata of a safetensors file, each tensor checked against the
     digest recorded when it was written (files written by other tools carry none and are read as they are)."""

@@ -75,9 +75,13 @@ class ASGQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from .checkpoint import validate_tables
+        from .checkpoint import check_loaded_from, validate_tables
 
-        validate_tables(model, "this checkpoint")  # codes in range, finite values: before anything reads them
+        folder = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+        where = folder or "this checkpoint"
+        if folder and Path(folder).is_dir():
+            check_loaded_from(model, folder)
+        validate_tables(model, where)  # codes in range, finite values: before anything reads them
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
