@@ -89,7 +89,8 @@ def load_table(path: str | os.PathLike, table: str = "input") -> tuple[np.ndarra
     prefix = next((p for p in prefixes if f"{p}.codes" in names), None)
     if prefix is None:
         raise ValueError(f"{weights} holds no code table for {table} (looked under {prefixes})")
-    state, metadata = fmt.read_weights(weights, [f"{prefix}.codebooks", f"{prefix}.codes"])
+    state, metadata = fmt.read_weights(weights, [f"{prefix}.codebooks", f"{prefix}.codes"],
+                                       expected=plan.get(fmt.WEIGHTS_DIGEST))
     fmt.check_plan_digest(metadata, plan, Path(path))
     codebooks, codes = state[f"{prefix}.codebooks"], state[f"{prefix}.codes"]
     k, m, dim = entry["k"], entry["m"], entry["embedding_dim"]

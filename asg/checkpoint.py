@@ -52,11 +52,12 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, tokenizer=None
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None and getattr(model, "can_generate", lambda: False)():
             generation_config.save_pretrained(tmp)
-        written_plan = _point_transformers_at_the_notice(tmp / CONFIG_NAME)
         tensors, aliases = _unique_tensors(model)
+        digests = fmt.digest_table(tensors)
+        written_plan = _point_transformers_at_the_notice(tmp / CONFIG_NAME, fmt.text_digest(digests))
         metadata = {"format": "pt", "asg_format_version": str(FORMAT_VERSION),
                     "asg_aliases": json.dumps(aliases, sort_keys=True)}
-        fmt.write_weights(tmp / WEIGHTS_NAME, tensors, metadata, plan=written_plan)
+        fmt.write_weights(tmp / WEIGHTS_NAME, tensors, metadata, plan=written_plan, digests=digests)
         write_notice_index(tmp, sorted(tensors))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -96,6 +97,7 @@ def from_pretrained(path: str | os.PathLike, model_class=None, **config_override
     model, state, aliases = _assemble(path, target, saved_class, config, dtype, plan, state, aliases)
     _load_state(model, state, aliases, path, new_head=type(model) is not saved_class)
     validate_tables(model, path / WEIGHTS_NAME)
+    _check_finite(model, state, path / WEIGHTS_NAME)
     if (path / "generation_config.json").exists():
         model.generation_config = transformers.GenerationConfig.from_pretrained(path)
     model.eval()
@@ -113,6 +115,15 @@ def validate_tables(model: nn.Module, where) -> None:
                 module.validate()
             except ValueError as err:
                 raise ValueError(f"{where}: table {name}: {err}; the checkpoint is damaged, save it again") from None
+
+
+def _check_finite(model: nn.Module, state: dict[str, torch.Tensor], where) -> None:
+    """ValueError naming the tensor when a stored parameter holds NaN or infinity (buffers such as attention
+    masks may hold -inf on purpose; parameters never do in a usable model)."""
+    for name, parameter in model.named_parameters():
+        if name in state and parameter.is_floating_point() and not bool(torch.isfinite(parameter).all()):
+            raise ValueError(f"{where}: tensor {name!r} holds NaN or infinite values; the checkpoint is damaged, "
+                             "save it again")
 
 
 def check_loaded_from(model: nn.Module, path: str | os.PathLike) -> None:
@@ -152,7 +163,7 @@ def _assemble(path: Path, model_class, saved_class, config, dtype, plan, state, 
         plan = adapt_plan(plan, model, saved_class, state, path)
     model.tie_weights()  # skipped with the initialisation: the dense ties the config asks for
     try:
-        rebuild(model, plan)
+        rebuild(model, fmt.in_memory(plan))
     except (AttributeError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: the recorded ASG tables do not fit {type(model).__name__} ({err}); "
                          f"load it with the architecture it was saved from, {config.architectures}") from None
@@ -218,11 +229,13 @@ def check_replaceable(path: Path) -> None:
                              "Choose a new folder or remove it first") from None
 
 
-def _point_transformers_at_the_notice(config_file: Path) -> dict[str, Any]:
+def _point_transformers_at_the_notice(config_file: Path, weights_digest: str) -> dict[str, Any]:
     """Name the notice index as this folder's weights for plain transformers (which drops the field when it
-    saves); returns the `asg` section as written, which the weights file records a digest of."""
+    saves), and record the weights' digest table; returns the `asg` section as written, which the weights
+    file records a digest of in turn."""
     config = json.loads(config_file.read_text())
     config["transformers_weights"] = INDEX_NAME
+    config["asg"][fmt.WEIGHTS_DIGEST] = weights_digest
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return config["asg"]
 
@@ -253,7 +266,7 @@ def _read_weights(path: Path, plan: dict[str, Any]) -> tuple[dict[str, torch.Ten
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise ValueError(f"{path} has no {WEIGHTS_NAME}; the checkpoint is incomplete, save it again")
-    state, metadata = fmt.read_weights(weights)
+    state, metadata = fmt.read_weights(weights, expected=plan.get(fmt.WEIGHTS_DIGEST))
     fmt.check_plan_digest(metadata, plan, path)
     return state, fmt.aliases_of(metadata, weights)
 

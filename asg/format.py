@@ -27,6 +27,9 @@ _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", tor
            torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64", torch.bool: "BOOL"}
 _DIGESTS = "asg_sha256"  # metadata key: {tensor name: SHA-256 of its bytes}, JSON
 _PLAN_DIGEST = "asg_plan_sha256"  # metadata key: SHA-256 of the config's `asg` section as written
+#: In config.json's `asg` section only (never in memory): SHA-256 of the weights file's digest table, so that
+#: damage to the file's metadata (which could drop the digests) is caught from the config.
+WEIGHTS_DIGEST = "weights_sha256"
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
@@ -40,13 +43,27 @@ def plan_digest(plan: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(plan, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
 
+def digest_table(tensors: dict[str, torch.Tensor]) -> str:
+    """{tensor name: SHA-256} as the JSON text that a weights file records."""
+    return json.dumps({name: tensor_digest(t) for name, t in sorted(tensors.items())}, sort_keys=True)
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def in_memory(plan: dict[str, Any]) -> dict[str, Any]:
+    """The `asg` section without what only describes one folder's files (for `model.config.asg`)."""
+    return {key: value for key, value in plan.items() if key != WEIGHTS_DIGEST}
+
+
 def write_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-                  plan: dict[str, Any] | None = None) -> None:
+                  plan: dict[str, Any] | None = None, digests: str | None = None) -> None:
     """Write a safetensors file whose bytes depend only on the tensors and metadata: names sorted, the header
     in a fixed order (the safetensors writer orders metadata differently from run to run), each tensor's
-    SHA-256 and the plan's recorded so that a damaged file is refused on load instead of read wrongly."""
-    metadata = {**metadata, _DIGESTS: json.dumps({name: tensor_digest(t) for name, t in sorted(tensors.items())},
-                                                 sort_keys=True)}
+    SHA-256 (`digests`, from `digest_table`) and the plan's recorded so that a damaged file is refused on
+    load instead of read wrongly."""
+    metadata = {**metadata, _DIGESTS: digests if digests is not None else digest_table(tensors)}
     if plan is not None:
         metadata[_PLAN_DIGEST] = plan_digest(plan)
     # Larger elements first keeps every tensor aligned to its element size (the data starts 8-aligned).
@@ -103,9 +120,11 @@ def type_name(dtype: torch.dtype) -> str:
     return _DTYPES[dtype]
 
 
-def read_weights(path: Path, names: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_weights(path: Path, names: list[str] | None = None,
+                 expected: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors (all, or `names`) and metadata of a safetensors file, each tensor checked against the
-    digest recorded when it was written (files written by other tools carry none and are read as they are)."""
+    digest recorded when it was written (files written by other tools carry none and are read as they are).
+    `expected`, the config's record of the digest table, makes digests required and checks the table."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
@@ -117,6 +136,7 @@ def read_weights(path: Path, names: list[str] | None = None) -> tuple[dict[str, 
             state = {name: handle.get_tensor(name) for name in wanted}
     except (SafetensorError, OSError, RuntimeError) as err:
         raise ValueError(f"{path} is truncated or corrupt ({err}); save the checkpoint again") from None
+    _check_digest_table(metadata, expected, path)
     digests = _json_field(metadata, _DIGESTS, dict, path)
     if digests is not None:
         unknown = sorted(available - set(digests))
@@ -130,11 +150,20 @@ def read_weights(path: Path, names: list[str] | None = None) -> tuple[dict[str, 
 
 
 def check_plan_digest(metadata: dict[str, str], plan: dict[str, Any], path: Path) -> None:
-    """ValueError when the weights file records a different `asg` section than the config holds."""
+    """ValueError when the weights file records a different `asg` section than the config holds, or (for a
+    config that records the weights' digest table) a different digest table than the config says."""
+    _check_digest_table(metadata, plan.get(WEIGHTS_DIGEST), path / WEIGHTS_NAME)
     recorded = metadata.get(_PLAN_DIGEST)
     if recorded is not None and recorded != plan_digest(plan):
         raise ValueError(f"{path / CONFIG_NAME}: the 'asg' section differs from the one {WEIGHTS_NAME} was written "
                          "with; the config was edited or damaged. Restore it, or compress the model again")
+
+
+def _check_digest_table(metadata: dict[str, str], expected: str | None, path: Path) -> None:
+    if expected is not None and (_DIGESTS not in metadata or text_digest(metadata[_DIGESTS]) != expected
+                                 or _PLAN_DIGEST not in metadata):
+        raise ValueError(f"{path}: the file's checksums are not the ones its config.json records; the file is "
+                         "damaged or from another save, save the checkpoint again")
 
 
 def aliases_of(metadata: dict[str, str], path: Path) -> dict[str, str]:

@@ -58,7 +58,7 @@ class ASGQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         from .checkpoint import adapt_plan  # same family, other head: as asg.from_pretrained
-        from .format import validate_plan
+        from .format import in_memory, validate_plan
         from .loading import architecture_class
         from .surgery import rebuild
 
@@ -71,7 +71,7 @@ class ASGQuantizer(HfQuantizer):
         if saved is not None and type(model) is not saved:
             locations = [loc for entry in plan["tables"].values() for loc in entry["locations"]]
             plan = adapt_plan(plan, model, saved, dict.fromkeys(locations), "this checkpoint")
-        rebuild(model, plan)
+        rebuild(model, in_memory(plan))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):

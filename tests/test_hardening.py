@@ -37,15 +37,22 @@ def saved(tmp_path, arch="bert", config=None, name="ckpt"):
 
 
 def rewrite(folder, change, keep_digests=False):
-    """Rewrite a folder's weights file with `change(state)` applied, as another tool (or damage) would."""
+    """Rewrite a folder's weights file with `change(state)` applied: as damage would (`keep_digests`), or as
+    another tool writes a folder (transformers' own save_pretrained), with no checksums to catch it."""
     path = folder / "model.safetensors"
     with safe_open(str(path), "pt") as handle:
         metadata = handle.metadata()
         state = {name: handle.get_tensor(name) for name in handle.keys()}
     change(state)
     if not keep_digests:
-        metadata.pop("asg_sha256")
+        drop_checksums(folder, metadata)
     save_file(state, str(path), metadata=metadata)
+
+
+def drop_checksums(folder, metadata):
+    metadata.pop("asg_sha256")
+    metadata.pop("asg_plan_sha256")
+    edit_config(folder, lambda config: config["asg"].pop("weights_sha256"))
 
 
 def edit_config(folder, change):
@@ -232,7 +239,7 @@ def test_bad_alias_metadata_is_a_clear_error(aliases, tmp_path):
     with safe_open(str(path), "pt") as handle:
         metadata = {**handle.metadata(), "asg_aliases": aliases}
         state = {name: handle.get_tensor(name) for name in handle.keys()}
-    metadata.pop("asg_sha256")
+    drop_checksums(folder, metadata)
     save_file(state, str(path), metadata=metadata)
     with pytest.raises(ValueError, match="asg_aliases"):
         asg.from_pretrained(folder)
