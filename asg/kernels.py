@@ -208,6 +208,11 @@ def _private_cache() -> Path:
     it or may write to it, since a library planted there would run inside this process."""
     cache = Path(os.environ.get("ASG_CACHE_DIR") or Path.home() / ".cache" / "asg")
     cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = cache.lstat()
+    if hasattr(os, "getuid") and info.st_uid == os.getuid() and info.st_mode & 0o022 and stat.S_ISDIR(info.st_mode):
+        # Ours but open to others (an older asg, or a umask of 002): close it. Files others planted meanwhile
+        # stay unused, since only libraries and records owned by this user are ever loaded.
+        cache.chmod(0o700)
     if not _private(cache):
         raise RuntimeError(f"the kernel cache {cache} is writable by other users or owned by another user; "
                            f"run chmod 700 {cache}, or set ASG_CACHE_DIR to a private folder")

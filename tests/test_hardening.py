@@ -267,9 +267,15 @@ def test_a_library_planted_in_the_cache_is_never_loaded(tmp_path):
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert not marker.exists()  # the planted library's constructor never ran: it was replaced by a fresh build
-    cache.chmod(0o777)  # a cache others may write to is not used at all
-    done = subprocess.run([sys.executable, "-c", "import asg.kernels as k; print(k.available())"], env=env,
-                          capture_output=True, text=True)
+    cache.chmod(0o777)  # our own cache opened to others (an older asg, a umask of 002): closed again, then used
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and oct(cache.stat().st_mode & 0o777) == "0o700"
+    shared = tmp_path / "shared"  # a folder another user owns: not used at all
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    os.chown(shared, 12345, 12345) if os.geteuid() == 0 else pytest.skip("needs root to make another user's folder")
+    done = subprocess.run([sys.executable, "-c", "import asg.kernels as k; print(k.available())"],
+                          env=dict(env, ASG_CACHE_DIR=str(shared)), capture_output=True, text=True)
     assert done.stdout.strip() == "False" and "writable by other users" in done.stderr
 
 
