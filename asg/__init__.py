@@ -6,7 +6,7 @@
     model = asg.from_pretrained("model-asg")
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 try:
     from . import baselines, hf, pq

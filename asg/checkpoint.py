@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 from . import atomic, format as fmt
-from .format import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
-from .hf import INDEX_NAME, write_notice_index
+from .format import CONFIG_NAME, FORMAT_VERSION, INDEX_NAME, WEIGHTS_NAME, adapt_plan, renamer, write_notice_index
 from .loading import architecture_class
 from .modules import CompressedEmbedding
 from .surgery import is_compressed, rebuild
@@ -296,37 +295,6 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], aliases: dict[
                          "the checkpoint is incomplete, save it again")
 
 
-def renamer(model: nn.Module, saved_class, state: dict[str, torch.Tensor]):
-    """Map names of one class of a model family to another (the same base model, other heads), as
-    transformers does through `base_model_prefix`; None for a head the new class does not share."""
-    prefix = getattr(saved_class, "base_model_prefix", "") or ""
-    saved_wrapped = bool(prefix) and any(key.startswith(prefix + ".") for key in state)
-    target_wrapped = bool(prefix) and _base_prefix(model) == prefix
-
-    def rename(name: str) -> str | None:
-        if saved_wrapped and not name.startswith(prefix + "."):
-            return name if target_wrapped else None  # a head of the saved class: kept only where names match
-        base = name[len(prefix) + 1:] if saved_wrapped else name
-        return f"{prefix}.{base}" if target_wrapped else base
-
-    return rename
-
-
-def adapt_plan(plan, model: nn.Module, saved_class, state, path: Path) -> dict[str, Any]:
-    """The plan with its table places renamed for `model`; a table it has no place for is left out."""
-    rename = renamer(model, saved_class, state)
-    modules = {n for n, _ in model.named_modules(remove_duplicate=False)}
-    tables = {}
-    for name, entry in plan["tables"].items():
-        places = [p for p in (rename(loc) for loc in entry["locations"]) if p in modules]
-        if places:
-            tables[name] = {**entry, "locations": places}
-        elif name == "input":
-            raise ValueError(f"{path}: {type(model).__name__} has no place for the compressed input table "
-                             f"{entry['locations']}; load it with the architecture it was saved from")
-    return {**plan, "tables": tables}
-
-
 def _adapt_state(state, aliases, model: nn.Module, saved_class, path: Path):
     """The stored tensors renamed for `model` (already holding its compressed tables); the rest is left out."""
     rename = renamer(model, saved_class, state)
@@ -348,12 +316,6 @@ def _build(model_class, config, dtype):
     if isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel):
         return model_class._from_config(config, dtype=dtype)
     return model_class.from_config(config, dtype=dtype)
-
-
-def _base_prefix(model: nn.Module) -> str:
-    """The attribute under which a task model holds its base model ('bert', 'transformer'...), or ''."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    return prefix if prefix and getattr(model, prefix, None) is not None and getattr(model, prefix) is not model else ""
 
 
 def _tie(model: nn.Module, alias: str, name: str) -> None:

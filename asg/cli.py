@@ -53,7 +53,7 @@ def _friendly(command):
 
 def _version(value: bool) -> None:
     if value:
-        from . import __version__
+        from ._version import __version__
 
         typer.echo(f"asg {__version__}")
         raise typer.Exit()

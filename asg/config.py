@@ -91,7 +91,6 @@ class ASGConfig(SerializableConfig):
     weights: Any = field(default=None, compare=False, repr=False)
     norms: str | None = None
 
-    version: ClassVar[int] = 1
     method: ClassVar[str] = "asg"
 
     def __post_init__(self) -> None:

@@ -1,7 +1,9 @@
-"""The files of an ASG checkpoint: names, the weights file (safetensors, written in a fixed order with a
-digest of every tensor), and the checks that a folder read from disk passes before any of it is used.
+"""The files of an ASG checkpoint: names and format version, the weights file (safetensors, written in a
+fixed order with a digest of every tensor), the checks that a folder read from disk passes before any of
+it is used, the notice for plain transformers, the `quantization_config` class, and the renaming of a
+plan's table places for another class of the same model family.
 
-Nothing here knows models or modules; it is the bottom layer that `checkpoint`, `hf` and `analysis` read.
+It imports nothing from asg: the bottom layer that `surgery`, `checkpoint`, `hf` and `analysis` share.
 """
 
 from __future__ import annotations
@@ -16,10 +18,16 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
+from transformers.utils.quantization_config import QuantizationConfigMixin
+from transformers.quantizers import register_quantization_config
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 FORMAT_VERSION = 1
+METHOD = "asg"  # the quantization method name transformers knows ASG folders by
+INDEX_NAME = "asg.safetensors.index.json"
+ASG_NOTICE = "this-is-an-ASG-checkpoint--pip-install-asg-and-import-asg-before-from_pretrained.safetensors"
 TABLES = ("input", "output")
 
 _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -277,3 +285,66 @@ def _is_int(value: Any) -> bool:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+# --- what plain transformers reads ----------------------------------------------------------------
+
+
+@register_quantization_config(METHOD)
+class ASGQuantizationConfig(QuantizationConfigMixin):
+    """The `quantization_config` of an ASG folder; the tables themselves are described by the config's `asg` section."""
+
+    def __init__(self, format_version: int = FORMAT_VERSION, **kwargs) -> None:
+        self.quant_method = METHOD
+        self.format_version = format_version
+        self.note = "Aggregate Semantic Grouping checkpoint: pip install asg, then import asg before from_pretrained"
+
+    def to_dict(self) -> dict:
+        return {"quant_method": METHOD, "format_version": self.format_version, "note": self.note}
+
+
+def write_notice_index(folder: Path, tensor_names: list[str]) -> None:
+    """The index that plain transformers reads instead of the weights (see the module docstring)."""
+    index = {"metadata": {"note": ASGQuantizationConfig().note},
+             "weight_map": {name: ASG_NOTICE for name in tensor_names}}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
+
+
+# --- another class of the same family -------------------------------------------------------------
+
+
+def renamer(model: nn.Module, saved_class, state: dict[str, Any]):
+    """Map names of one class of a model family to another (the same base model, other heads), as
+    transformers does through `base_model_prefix`; None for a head the new class does not share."""
+    prefix = getattr(saved_class, "base_model_prefix", "") or ""
+    saved_wrapped = bool(prefix) and any(key.startswith(prefix + ".") for key in state)
+    target_wrapped = bool(prefix) and base_prefix(model) == prefix
+
+    def rename(name: str) -> str | None:
+        if saved_wrapped and not name.startswith(prefix + "."):
+            return name if target_wrapped else None  # a head of the saved class: kept only where names match
+        base = name[len(prefix) + 1:] if saved_wrapped else name
+        return f"{prefix}.{base}" if target_wrapped else base
+
+    return rename
+
+
+def adapt_plan(plan, model: nn.Module, saved_class, state, path: Path) -> dict[str, Any]:
+    """The plan with its table places renamed for `model`; a table it has no place for is left out."""
+    rename = renamer(model, saved_class, state)
+    modules = {n for n, _ in model.named_modules(remove_duplicate=False)}
+    tables = {}
+    for name, entry in plan["tables"].items():
+        places = [p for p in (rename(loc) for loc in entry["locations"]) if p in modules]
+        if places:
+            tables[name] = {**entry, "locations": places}
+        elif name == "input":
+            raise ValueError(f"{path}: {type(model).__name__} has no place for the compressed input table "
+                             f"{entry['locations']}; load it with the architecture it was saved from")
+    return {**plan, "tables": tables}
+
+
+def base_prefix(model: nn.Module) -> str:
+    """The attribute under which a task model holds its base model ('bert', 'transformer'...), or ''."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    return prefix if prefix and getattr(model, prefix, None) is not None and getattr(model, prefix) is not model else ""

@@ -15,29 +15,14 @@ name says what to do. The quantizer points transformers back at the real weights
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
-from transformers.utils.quantization_config import QuantizationConfigMixin
+from transformers.quantizers import HfQuantizer, register_quantizer
 
-METHOD = "asg"
-INDEX_NAME = "asg.safetensors.index.json"
-ASG_NOTICE = "this-is-an-ASG-checkpoint--pip-install-asg-and-import-asg-before-from_pretrained.safetensors"
-
-
-@register_quantization_config(METHOD)
-class ASGQuantizationConfig(QuantizationConfigMixin):
-    """The `quantization_config` of an ASG folder; the tables themselves are described by the config's `asg` section."""
-
-    def __init__(self, format_version: int = 1, **kwargs) -> None:
-        self.quant_method = METHOD
-        self.format_version = format_version
-        self.note = "Aggregate Semantic Grouping checkpoint: pip install asg, then import asg before from_pretrained"
-
-    def to_dict(self) -> dict:
-        return {"quant_method": METHOD, "format_version": self.format_version, "note": self.note}
-
+from .checkpoint import check_loaded_from, validate_tables
+from .format import INDEX_NAME, METHOD, ASGQuantizationConfig, adapt_plan, in_memory, validate_plan  # noqa: F401 (re-exported)
+from .loading import architecture_class
+from .surgery import rebuild
 
 @register_quantizer(METHOD)
 class ASGQuantizer(HfQuantizer):
@@ -57,11 +42,6 @@ class ASGQuantizer(HfQuantizer):
         return super().update_attn_implementation(config)
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        from .checkpoint import adapt_plan  # same family, other head: as asg.from_pretrained
-        from .format import in_memory, validate_plan
-        from .loading import architecture_class
-        from .surgery import rebuild
-
         plan = getattr(model.config, "asg", None)
         if not isinstance(plan, dict):
             raise ValueError("this checkpoint's config names the asg quantization method but has no 'asg' section; "
@@ -75,8 +55,6 @@ class ASGQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from .checkpoint import check_loaded_from, validate_tables
-
         folder = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
         where = folder or "this checkpoint"
         if folder and Path(folder).is_dir():
@@ -93,10 +71,3 @@ class ASGQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True
-
-
-def write_notice_index(folder: Path, tensor_names: list[str]) -> None:
-    """The index that plain transformers reads instead of the weights (see the module docstring)."""
-    index = {"metadata": {"note": ASGQuantizationConfig().note},
-             "weight_map": {name: ASG_NOTICE for name in tensor_names}}
-    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))

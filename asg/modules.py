@@ -44,7 +44,7 @@ class CompressedEmbedding(nn.Module):
             CompressedEmbedding.kinds[cls.kind] = cls
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
-                 embed_scale: float | torch.Tensor | None = None, device=None) -> None:
+                 embed_scale: float | torch.Tensor | None = None) -> None:
         super().__init__()
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
@@ -167,7 +167,7 @@ class ASGEmbedding(CompressedEmbedding):
         device: torch.device | str | None = None,
         norms: str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, padding_idx, embed_scale, device)
+        super().__init__(num_embeddings, embedding_dim, padding_idx, embed_scale)
         if norms not in (None, "row", "scalar"):
             raise ValueError(f"unknown norms {norms!r}: use None, 'row' or 'scalar'")
         if embedding_dim % m:

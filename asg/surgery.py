@@ -16,13 +16,14 @@ import torch
 from torch import nn
 
 from . import pq
+from ._version import __version__
 from .config import ASGConfig
+from .format import FORMAT_VERSION, ASGQuantizationConfig
 from .modules import ASGEmbedding, ASGHead, CompressedEmbedding
 from .report import CompressionReport
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 INPUT, OUTPUT = "input", "output"
 
 
@@ -32,8 +33,6 @@ def compress(model: nn.Module, config, *, tokenizer=None, progress: bool = True)
     `config` is an `ASGConfig`, or the config of a baseline (`asg.baselines`): the method follows from it.
     `tokenizer` is needed only to resolve frequency weights given by name (`ASGConfig(weights="wordfreq")`).
     """
-    from . import __version__
-
     fitter = _FITTERS.get(type(config))
     if fitter is None:
         known = ", ".join(sorted(cls.__name__ for cls in _FITTERS))
@@ -288,8 +287,6 @@ def _mark_for_transformers(model: nn.Module) -> None:
     """Record in the config what transformers needs to load the saved folder again (see asg.hf), and give
     the model a `resize_token_embeddings` that understands its compressed tables."""
     import types
-
-    from .hf import ASGQuantizationConfig
 
     model.config.quantization_config = ASGQuantizationConfig()
     model.resize_token_embeddings = types.MethodType(resize_token_embeddings, model)

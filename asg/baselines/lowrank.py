@@ -61,7 +61,7 @@ class LowRankEmbedding(CompressedEmbedding):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, padding_idx=None, embed_scale=None,
                  dtype=None, device=None) -> None:
-        super().__init__(num_embeddings, embedding_dim, padding_idx, embed_scale, device)
+        super().__init__(num_embeddings, embedding_dim, padding_idx, embed_scale)
         self.rank = rank
         self.left = nn.Parameter(torch.zeros(num_embeddings, rank, dtype=dtype, device=device))
         self.right = nn.Parameter(torch.zeros(rank, embedding_dim, dtype=dtype, device=device))

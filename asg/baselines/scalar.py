@@ -47,7 +47,7 @@ class QuantizedEmbedding(CompressedEmbedding):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, padding_idx=None, embed_scale=None,
                  dtype=None, device=None) -> None:
-        super().__init__(num_embeddings, embedding_dim, padding_idx, embed_scale, device)
+        super().__init__(num_embeddings, embedding_dim, padding_idx, embed_scale)
         self.bits = bits
         width = embedding_dim if bits == 8 else (embedding_dim + 1) // 2
         store = torch.int8 if bits == 8 else torch.uint8

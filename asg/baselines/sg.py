@@ -62,7 +62,7 @@ class GroupedEmbedding(CompressedEmbedding):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, num_groups: int, padding_idx=None,
                  embed_scale=None, dtype=None, device=None) -> None:
-        super().__init__(num_embeddings, embedding_dim, padding_idx, embed_scale, device)
+        super().__init__(num_embeddings, embedding_dim, padding_idx, embed_scale)
         self.num_groups = num_groups
         self.vectors = nn.Parameter(torch.zeros(num_groups, embedding_dim, dtype=dtype, device=device))
         self.register_buffer("groups", torch.zeros(num_embeddings, dtype=index_dtype(num_groups), device=device))

@@ -231,5 +231,3 @@ class QA(Kind):
         return {"id": example["id"], "question": example["question"], "answers": example["answers"]["text"],
                 "prediction": prediction, "lang": example["lang"]}
 
-
-KINDS = {kind.name: kind for kind in (NLI, NER, QA)}
