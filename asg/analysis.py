@@ -12,7 +12,7 @@ import numpy as np
 from . import format as fmt, kernels, pq
 from .checkpoint import read_plan
 from .format import WEIGHTS_NAME
-from .surgery import method_config
+from .methods import config_from_plan
 
 
 def parameter_table(path: str | os.PathLike) -> dict[str, Any]:
@@ -57,7 +57,7 @@ def parameter_table(path: str | os.PathLike) -> dict[str, Any]:
     out = {
         "path": str(path),
         "method": plan.get("method", "asg"),
-        "settings": method_config(plan).settings(),
+        "settings": config_from_plan(plan).settings(),
         "format_version": plan["format_version"],
         "asg_version": plan.get("asg_version"),
         "source_model": plan.get("source_model"),

@@ -220,6 +220,7 @@ def compare(
     """Compress a model with each method at a matched budget; print and plot reconstruction error and fidelity."""
     from .baselines import METHODS
     from .compare import compare_methods, markdown_table, write_comparison
+    from .methods import parse_budget
     from .config import suggest_k_m
     from .fidelity import read_texts
     from .loading import DEFAULT_MODEL_NAME, default_model_path, load_model, load_tokenizer
@@ -228,7 +229,7 @@ def compare(
     unknown = [name for name in chosen if name not in METHODS]
     if unknown or not chosen:
         raise ValueError(f"unknown method(s) {unknown or chosen}; choose from {', '.join(METHODS)}")
-    fraction = _parse_budget(budget)
+    fraction = parse_budget(budget)
     texts = read_texts(text)
     source = model if model is not None else str(default_model_path())
     name = model if model is not None else DEFAULT_MODEL_NAME
@@ -426,44 +427,20 @@ def _split_list(text: str | None) -> list[str] | None:
 
 def _method_config(method, vocab_size, dim, budget, *, k, m, shared, targets, backend, seed, niter, weights=None,
                    norms=None):
-    """The config `asg compress` builds from its options, saying on stderr what it chose and why."""
-    from .baselines import METHODS, config_for_budget
-    from .config import ASGConfig, suggest_k_m
+    """The config `asg compress` builds from its options, saying on stderr what it chose for ASG and why."""
+    from . import methods
+    from .config import suggest_k_m
 
-    if method not in METHODS:
-        raise ValueError(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
-    fraction = _parse_budget(budget) if budget is not None else None
-    if method == "asg":
+    if method not in methods.names():
+        raise ValueError(f"unknown --method {method!r}; choose from {', '.join(methods.names())}")
+    if method == "asg" and (m is None or (k is None and budget is None)):
         default_k, default_m, why = suggest_k_m(vocab_size, dim)
-        if m is None or (k is None and fraction is None):
-            chosen_k = "" if k is not None or fraction is not None else f"k={default_k}, "
-            typer.echo(f"using {chosen_k}m={default_m if m is None else m} for a {vocab_size:,} x {dim} "
-                       f"table: {why}. Pass --k and --m to choose.", err=True)
-        m = default_m if m is None else m
-        if k is None:
-            k = config_for_budget("asg", vocab_size, dim, fraction, m=m).k if fraction is not None else default_k
-        return ASGConfig(k=k, m=m, codebook="shared" if shared else "separate", targets=targets, niter=niter,
-                         seed=seed, backend=backend, weights=weights, norms=norms)
-    for name, value in (("--weights", weights), ("--norms", norms)):
-        if value is not None:
-            raise ValueError(f"{name} applies to ASG only, not to --method {method}")
-    fraction = fraction if fraction is not None else {"sg": 0.4, "lowrank": 0.01}.get(method, 0.01)
-    options = {"niter": niter, "seed": seed, "backend": backend} if method == "sg" else {}
-    return config_for_budget(method, vocab_size, dim, fraction, targets=targets, **options)
-
-
-def _parse_budget(text: str) -> float:
-    """'1%' or '0.01' -> 0.01; anything else is a ValueError that shows both forms."""
-    raw = text.strip()
-    try:
-        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
-    except ValueError:
-        raise ValueError(f"budget {text!r} is not a number; write a percentage such as 1% or a fraction such as 0.01") from None
-    if not raw.endswith("%") and value >= 1:
-        raise ValueError(f"budget {text!r} is ambiguous; write {raw}% for a percentage, or a fraction below 1")
-    if not 0 < value < 1:
-        raise ValueError(f"budget {text!r} must be between 0% and 100% of the dense table, e.g. 1%")
-    return value
+        chosen_k = "" if k is not None or budget is not None else f"k={default_k}, "
+        typer.echo(f"using {chosen_k}m={default_m if m is None else m} for a {vocab_size:,} x {dim} "
+                   f"table: {why}. Pass --k and --m to choose.", err=True)
+    return methods.config_from_options(method, (vocab_size, dim), budget=budget, k=k, m=m,
+                                       codebook="shared" if shared else None, targets=targets, niter=niter, seed=seed,
+                                       backend=backend, weights=weights, norms=norms)
 
 
 def _check_output(output: Path, overwrite: bool) -> None:

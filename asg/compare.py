@@ -8,8 +8,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .baselines import METHODS, config_for_budget
+from .baselines import METHODS
 from .fidelity import fidelity
+from .methods import config_from_options
 from .surgery import compress
 
 
@@ -24,9 +25,8 @@ def compare_methods(model, tokenizer, texts: list[str], *, budget: float, by: st
     rows = []
     for method in methods:
         try:
-            config = config_for_budget(method, vocab_size, dim, budget, by=by, m=m,
-                                       element_size=weight.element_size(),
-                                       **(fit_options if method in ("asg", "sg") else {}))
+            config = config_from_options(method, (vocab_size, dim), budget=budget, by=by, m=m, strict=False,
+                                         element_size=weight.element_size(), **fit_options)
         except ValueError as err:
             rows.append({"method": method, "error": str(err)})
             continue

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
+from .methods import largest
+from .pq import code_dtype
+
 CODEBOOKS = ("separate", "shared")
 TARGETS = ("input", "output")
 BACKENDS = ("faiss", "torch")
@@ -43,18 +46,29 @@ def suggest_k_m(vocab_size: int, dim: int) -> tuple[int, int, str]:
     return k, m, why
 
 
+def array_record(values) -> dict[str, Any]:
+    """What a config records of an array of weights: how many and their SHA-256 (as float64), not the values."""
+    import hashlib
+
+    import numpy as np
+
+    data = np.ascontiguousarray(np.asarray(values, dtype=np.float64))
+    return {"array": {"count": int(data.size), "sha256": hashlib.sha256(data.tobytes()).hexdigest()}}
+
+
 class SerializableConfig:
     """JSON round trip for the config dataclasses of every method, through an allow-list of fields."""
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the settings (tuples become lists; an array of weights is recorded as "array")."""
+        """A JSON-ready dict of the settings (tuples become lists). An array of weights is recorded by what
+        identifies it, {"array": {"count", "sha256"}}, not stored; `from_dict` gives that record back."""
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, tuple):
                 value = list(value)
-            elif f.name == "weights" and value is not None and not isinstance(value, str):
-                value = "array"
+            elif f.name == "weights" and value is not None and not isinstance(value, (str, dict)):
+                value = array_record(value)
             out[f.name] = value
         return out
 
@@ -68,8 +82,63 @@ class SerializableConfig:
         return cls(**data)
 
 
+class MethodConfig(SerializableConfig):
+    """The contract every compression method's config meets (ASG's and each baseline's):
+
+    - `method`: the name its compressions are recorded under ("asg", "sg", "lowrank", "int8", "int4");
+    - `targets`: the tables it replaces, ("input",), ("output",) or both;
+    - `validate_for(num_rows, dim, what)`: a ValueError with the fix unless it fits a (V, D) table;
+    - `settings()`: the few settings that name it in tables and reports;
+    - `to_dict()` / `from_dict()`: the JSON round trip that checkpoints record;
+    - `for_budget(method, V, D, budget, by=, element_size=, **options)`: the config with the largest table
+      within `budget`, a fraction of the dense table's parameters or bytes;
+    - `from_options(method, V, D, budget=, by=, **options)`: the config a command builds from its options
+      (by default: `for_budget` at the given budget, else at `default_budget`).
+
+    Its fitter is registered next to it with `asg.methods.register`; callers build configs through
+    `asg.methods.config_from_options`.
+    """
+
+    method: ClassVar[str] = ""
+    default_budget: ClassVar[float | None] = None  # the size `from_options` picks when given no budget
+
+    def validate_for(self, num_rows: int, dim: int, what: str = "embedding") -> None:
+        raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def for_budget(cls, method: str, vocab_size: int, dim: int, budget: float, *, by: str = "params",
+                   element_size: int = 4, **options) -> "MethodConfig":
+        raise NotImplementedError
+
+    @classmethod
+    def from_options(cls, method: str, vocab_size: int, dim: int, *, budget: float | None = None, by: str = "params",
+                     element_size: int = 4, **options) -> "MethodConfig":
+        budget = cls.default_budget if budget is None else budget
+        if budget is None:
+            return cls(**options)
+        return cls.for_budget(method, vocab_size, dim, budget, by=by, element_size=element_size, **options)
+
+    @staticmethod
+    def budget_units(vocab_size: int, dim: int, budget: float, by: str, element_size: int) -> tuple[float, int]:
+        """(what the budget allows, the cost of one dense value) in parameters or bytes; ValueError for a bad budget."""
+        if by not in ("params", "bytes"):
+            raise ValueError(f"a budget is matched by 'params' or 'bytes', not {by!r}")
+        if not 0 < budget < 1:
+            raise ValueError(f"budget {budget!r} must be a fraction of the dense table in (0, 1), e.g. 0.01 for 1%")
+        value = element_size if by == "bytes" else 1
+        return budget * vocab_size * dim * value, value
+
+    @staticmethod
+    def index_bytes(entries: int, by: str) -> int:
+        """Bytes per token of an index over `entries` values (codes, groups) when bytes are counted, else 0."""
+        return code_dtype(entries).itemsize if by == "bytes" else 0
+
+
 @dataclass
-class ASGConfig(SerializableConfig):
+class ASGConfig(MethodConfig):
     """How to compress: k concept vectors per codebook, m segments per token, and how to fit them.
 
     `codebook="separate"` learns one codebook per segment (the paper's E', m·k rows);
@@ -139,3 +208,27 @@ class ASGConfig(SerializableConfig):
                 f"k={self.k} is larger than the number of points to cluster ({where} of the {what}); "
                 f"a codebook cannot have more concept vectors than points. Use k <= {points}{hint}"
             )
+
+    @classmethod
+    def for_budget(cls, method: str, vocab_size: int, dim: int, budget: float, *, by: str = "params",
+                   element_size: int = 4, m: int | None = None, **options) -> "ASGConfig":
+        """The largest k whose codebooks (and, by bytes, codes) fit the budget, at the given m."""
+        allowed, value = cls.budget_units(vocab_size, dim, budget, by, element_size)
+        if m is None:
+            raise ValueError("an ASG budget needs m, the number of segments")
+        k = largest(lambda k: k * dim * value + vocab_size * m * cls.index_bytes(k, by), 2, vocab_size, allowed)
+        if k is None:
+            codes = vocab_size * m * cls.index_bytes(2, by) / (vocab_size * dim * value)
+            raise ValueError(f"budget {budget:.4%} is too small for ASG with m={m}: not even k=2 concept vectors fit"
+                             + (f" (its codes alone take {codes:.2%} of the dense bytes; use a smaller m)" if codes else ""))
+        return cls(k=k, m=m, **options)
+
+    @classmethod
+    def from_options(cls, method: str, vocab_size: int, dim: int, *, budget: float | None = None, by: str = "params",
+                     element_size: int = 4, k: int | None = None, m: int | None = None, **options) -> "ASGConfig":
+        """k and m as given; an unset m is `suggest_k_m`'s, an unset k comes from the budget or `suggest_k_m`."""
+        default_k, default_m, _ = suggest_k_m(vocab_size, dim)
+        m = default_m if m is None else m
+        if k is None and budget is not None:
+            return cls.for_budget(method, vocab_size, dim, budget, by=by, element_size=element_size, m=m, **options)
+        return cls(k=default_k if k is None else k, m=m, **options)

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from . import kernels, pq
+from .config import ASGConfig
+from .methods import register
 from .pq import code_dtype
 
 _TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int16): torch.int16,
@@ -420,3 +422,25 @@ class _GatherRows(torch.autograd.Function):
         flat = grad.reshape(-1, grad.shape[-1] // m)
         grad_codebooks = torch.zeros(ctx.rows, flat.shape[1], dtype=grad.dtype).index_add_(0, concept_ids.reshape(-1), flat)
         return grad_codebooks, None, None, None
+
+
+@register(ASGConfig, "asg")
+def fit_asg(config: ASGConfig, weight: torch.Tensor, name: str, progress: bool, weights=None,
+             **kwargs) -> tuple[ASGEmbedding, float]:
+    """Product-quantize `weight` (V, D) into an `ASGEmbedding` (with the row lengths `config.norms` asks for);
+    `weights` makes k-means count each row by its token's frequency. Returns it and its relative error."""
+    if weights is not None and len(weights) != weight.shape[0]:
+        raise ValueError(f"the {name} table has {weight.shape[0]} rows but the weights have {len(weights)}; "
+                         "compress that table unweighted (targets) or give weights for its vocabulary")
+    fit = pq.fit(weight, config.k, config.m, codebook=config.codebook, niter=config.niter, seed=config.seed,
+                 backend=config.backend, progress=progress, desc=f"k-means {name}", weights=weights)
+    norms = None
+    if config.norms is not None:
+        row_norms = torch.linalg.vector_norm(weight.detach().float(), dim=1)
+        norms = row_norms if config.norms == "row" else row_norms.mean().reshape(1)
+    module = ASGEmbedding.from_pq(fit.codebooks, fit.codes, norms=norms, dtype=weight.dtype, device=weight.device,
+                                  **kwargs)
+    ids = torch.arange(weight.shape[0], device=weight.device)
+    with torch.no_grad():  # block by block, so that no second full table is built
+        error = pq.relative_error(weight, lambda rows: module._rows(ids[rows]))
+    return module, error

@@ -10,14 +10,13 @@ What was replaced, and where, is recorded in `model.config.asg` so that a checkp
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from . import pq
+from . import methods, pq
 from ._version import __version__
-from .config import ASGConfig
 from .format import FORMAT_VERSION, ASGQuantizationConfig
 from .modules import ASGEmbedding, ASGHead, CompressedEmbedding
 from .report import CompressionReport
@@ -33,10 +32,7 @@ def compress(model: nn.Module, config, *, tokenizer=None, progress: bool = True)
     `config` is an `ASGConfig`, or the config of a baseline (`asg.baselines`): the method follows from it.
     `tokenizer` is needed only to resolve frequency weights given by name (`ASGConfig(weights="wordfreq")`).
     """
-    fitter = _FITTERS.get(type(config))
-    if fitter is None:
-        known = ", ".join(sorted(cls.__name__ for cls in _FITTERS))
-        raise ValueError(f"config must be an asg.ASGConfig or a baseline config ({known}), got {type(config).__name__}")
+    fitter = methods.fitter_for(config)
     if is_compressed(model):
         raise ValueError("this model is already compressed; load the original model to compress it again")
     embedding = _input_embedding(model)
@@ -108,25 +104,6 @@ def compress(model: nn.Module, config, *, tokenizer=None, progress: bool = True)
         "report": {key: value for key, value in report.to_dict().items() if key not in ("tables", "settings", "method")},
     }
     return report
-
-
-def register_method(config_class: type, fitter: Callable, names: tuple[str, ...]) -> None:
-    """Make `compress` accept `config_class`, whose methods are called `names`: `fitter(config, weight, name,
-    progress, **kw)` returns (a `CompressedEmbedding` for the (V, D) `weight`, its relative reconstruction error)."""
-    _FITTERS[config_class] = fitter
-    for name in names:
-        _METHODS[name] = config_class
-
-
-def method_config(plan: dict[str, Any]):
-    """The config object a checkpoint's `asg` section records."""
-    method = plan.get("method", "asg")
-    if method not in _METHODS:
-        raise ValueError(f"unknown compression method {method!r}; known methods are {sorted(_METHODS)}")
-    try:
-        return _METHODS[method].from_dict(plan.get("config", {}))
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"the recorded {method} settings are not valid ({err}); the checkpoint is damaged") from None
 
 
 def rebuild(model: nn.Module, plan: dict[str, Any]) -> None:
@@ -237,35 +214,15 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
 # --- building and placing modules ----------------------------------------------------------------
 
 
-def _fit_asg(config: ASGConfig, weight: torch.Tensor, name: str, progress: bool, weights=None,
-             **kwargs) -> tuple[ASGEmbedding, float]:
-    if weights is not None and len(weights) != weight.shape[0]:
-        raise ValueError(f"the {name} table has {weight.shape[0]} rows but the weights have {len(weights)}; "
-                         "compress that table unweighted (targets) or give weights for its vocabulary")
-    fit = pq.fit(weight, config.k, config.m, codebook=config.codebook, niter=config.niter, seed=config.seed,
-                 backend=config.backend, progress=progress, desc=f"k-means {name}", weights=weights)
-    norms = None
-    if config.norms is not None:
-        row_norms = torch.linalg.vector_norm(weight.detach().float(), dim=1)
-        norms = row_norms if config.norms == "row" else row_norms.mean().reshape(1)
-    module = ASGEmbedding.from_pq(fit.codebooks, fit.codes, norms=norms, dtype=weight.dtype, device=weight.device,
-                                  **kwargs)
-    ids = torch.arange(weight.shape[0], device=weight.device)
-    with torch.no_grad():  # block by block, so that no second full table is built
-        error = pq.relative_error(weight, lambda rows: module._rows(ids[rows]))
-    return module, error
-
-
 def _token_weights(weights, tokenizer, vocab_size: int):
+    if isinstance(weights, dict):  # a checkpoint's record of an array: the values were not stored
+        raise ValueError(f"this config records k-means weighted by an array ({weights.get('array')}), which a "
+                         "checkpoint does not store; pass the array itself as weights= to compress again")
     if isinstance(weights, str):
         from .frequency import token_weights
 
         return token_weights(weights, tokenizer, vocab_size)
     return pq.check_weights(weights, vocab_size)
-
-
-_FITTERS: dict[type, Callable] = {ASGConfig: _fit_asg}
-_METHODS: dict[str, type] = {"asg": ASGConfig}
 
 
 def _empty_like(entry: dict[str, Any], dense: nn.Module) -> CompressedEmbedding:

@@ -171,3 +171,36 @@ def test_sg_tied_head_gives_group_members_equal_logits():
     with torch.no_grad():
         logits = head(hidden) - head.bias
     assert np.allclose(logits[:, mates].numpy(), logits[:, mates[:1]].numpy())
+
+
+def test_every_method_is_known_in_one_place_and_built_from_options():
+    from asg import methods
+    from asg.config import MethodConfig
+
+    assert methods.names() == ("asg", "sg", "lowrank", "int8", "int4") == asg.baselines.METHODS
+    for name in methods.names():
+        cls = methods.config_class(name)
+        assert issubclass(cls, MethodConfig) and callable(methods.fitter_for(cls.from_options(name, 10000, 256)))
+    V, D = 30522, 384
+    assert methods.config_from_options("asg", (V, D)) == asg.ASGConfig(k=256, m=96)  # suggest_k_m
+    assert methods.config_from_options("asg", (V, D), budget="1%", m=96).k == 305  # = config_for_budget's
+    assert round(methods.config_from_options("sg", (V, D)).ratio * V) == int(0.4 * V)  # SG's default budget: 40%, rounded down
+    assert methods.config_from_options("lowrank", (V, D)).rank == 3  # 1% by default
+    assert methods.config_from_options("int4", (V, D), budget="1%") == ScalarConfig(bits=4)
+    assert methods.config_from_options("lowrank", (V, D), m=8, niter=3, strict=False).rank == 3
+    with pytest.raises(ValueError, match="--weights applies to ASG only, not to --method sg"):
+        methods.config_from_options("sg", (V, D), weights="wordfreq")
+    with pytest.raises(ValueError, match="unknown method 'pca'"):
+        methods.config_from_options("pca", (V, D))
+
+
+def test_an_array_of_weights_is_recorded_by_its_digest_not_read_back_as_a_path():
+    import json
+
+    config = asg.ASGConfig(k=4, m=2, weights=np.arange(6.0))
+    record = config.to_dict()["weights"]
+    assert record["array"]["count"] == 6 and len(record["array"]["sha256"]) == 64
+    again = asg.ASGConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again.to_dict() == config.to_dict()
+    with pytest.raises(ValueError, match="which a checkpoint does not store; pass the array itself"):
+        asg.compress(build("bert"), again, progress=False)

@@ -2,6 +2,7 @@
 from this version, and a two-process run."""
 
 import json
+import socket
 import os
 import subprocess
 import sys
@@ -195,7 +196,10 @@ def test_finetune_under_torchrun_keeps_codebooks_identical_on_both_ranks(tmp_pat
     data = tmp_path / "nli.jsonl"
     data.write_text("".join(json.dumps({**row, "label": str(row["label"])}) + "\n" for row in rows))
     (tmp_path / "two_ranks.py").write_text(TWO_RANKS)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    with socket.socket() as probe:  # a free port: two test runs on one machine must not meet on torchrun's default
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
                            str(tmp_path / "two_ranks.py"), str(tmp_path / "asg"), str(tmp_path), str(data)],
                           capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))

@@ -10,12 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import pq
-from ..config import SerializableConfig, validate_targets
+from ..config import MethodConfig, validate_targets
+from ..methods import largest, register
 from ..modules import CompressedEmbedding
 
 
 @dataclass
-class LowRankConfig(SerializableConfig):
+class LowRankConfig(MethodConfig):
     """A rank-r factorisation; give `rank`, or `budget` (a fraction of V·D parameters) to derive it."""
 
     rank: int | None = None
@@ -23,6 +24,7 @@ class LowRankConfig(SerializableConfig):
     targets: tuple[str, ...] = ("input", "output")
 
     method: ClassVar[str] = "lowrank"
+    default_budget: ClassVar[float] = 0.01
 
     def __post_init__(self) -> None:
         self.targets = validate_targets(self.targets)
@@ -52,6 +54,17 @@ class LowRankConfig(SerializableConfig):
 
     def settings(self) -> dict[str, Any]:
         return {"rank": self.rank} if self.rank is not None else {"budget": self.budget}
+
+    @classmethod
+    def for_budget(cls, method: str, vocab_size: int, dim: int, budget: float, *, by: str = "params",
+                   element_size: int = 4, **options) -> "LowRankConfig":
+        """The largest rank whose two factors fit the budget."""
+        allowed, value = cls.budget_units(vocab_size, dim, budget, by, element_size)
+        rank = largest(lambda r: r * (vocab_size + dim) * value, 1, min(vocab_size, dim) - 1, allowed)
+        if rank is None:
+            raise ValueError(f"budget {budget:.4%} is too small for a low-rank factorisation: not even rank 1 fits "
+                             f"(it needs {(vocab_size + dim) / (vocab_size * dim):.3%})")
+        return cls(rank=rank, **options)
 
 
 class LowRankEmbedding(CompressedEmbedding):
@@ -88,6 +101,7 @@ class LowRankEmbedding(CompressedEmbedding):
         return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}"
 
 
+@register(LowRankConfig, "lowrank")
 def fit_lowrank(config: LowRankConfig, weight: torch.Tensor, name: str, progress: bool,
                 **kwargs) -> tuple[LowRankEmbedding, float]:
     """Truncated SVD of `weight`, split evenly: A = U·√S, B = √S·Vᵀ (the best rank-r approximation)."""

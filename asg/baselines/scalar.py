@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from .. import pq
-from ..config import SerializableConfig, validate_targets
+from ..config import MethodConfig, validate_targets
+from ..methods import register
 from ..modules import CompressedEmbedding
 
 
 @dataclass
-class ScalarConfig(SerializableConfig):
+class ScalarConfig(MethodConfig):
     """Symmetric per-row quantization to `bits` (8 or 4) bits."""
 
     bits: int = 8
@@ -38,6 +39,19 @@ class ScalarConfig(SerializableConfig):
 
     def settings(self) -> dict[str, Any]:
         return {"bits": self.bits}
+
+    @classmethod
+    def for_budget(cls, method: str, vocab_size: int, dim: int, budget: float, *, by: str = "params",
+                   element_size: int = 4, **options) -> "ScalarConfig":
+        """int8 and int4 have a fixed size: the budget is checked, not used."""
+        cls.budget_units(vocab_size, dim, budget, by, element_size)
+        return cls.from_options(method, vocab_size, dim, **options)
+
+    @classmethod
+    def from_options(cls, method: str, vocab_size: int, dim: int, *, budget: float | None = None, by: str = "params",
+                     element_size: int = 4, **options) -> "ScalarConfig":
+        """The bits are in the method's name: int8 or int4."""
+        return cls(bits=int(method.removeprefix("int")), **options)
 
 
 class QuantizedEmbedding(CompressedEmbedding):
@@ -97,6 +111,7 @@ class QuantizedEmbedding(CompressedEmbedding):
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}"
 
 
+@register(ScalarConfig, "int8", "int4")
 def fit_scalar(config: ScalarConfig, weight: torch.Tensor, name: str, progress: bool,
                **kwargs) -> tuple[QuantizedEmbedding, float]:
     """Quantize every row of `weight` to `config.bits` bits with its own scale."""

@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels, pq
-from ..config import SerializableConfig, BACKENDS, validate_targets
+from ..config import BACKENDS, MethodConfig, validate_targets
+from ..methods import largest, register
 from ..modules import CompressedEmbedding, index_dtype
 
 
 @dataclass
-class SGConfig(SerializableConfig):
+class SGConfig(MethodConfig):
     """Semantic Grouping into round(ratio·V) groups (ratio 0.4 is the paper's "40% SG")."""
 
     ratio: float = 0.4
@@ -31,6 +32,7 @@ class SGConfig(SerializableConfig):
     targets: tuple[str, ...] = ("input", "output")
 
     method: ClassVar[str] = "sg"
+    default_budget: ClassVar[float] = 0.4  # the paper's "40% SG"
 
     def __post_init__(self) -> None:
         self.targets = validate_targets(self.targets)
@@ -53,6 +55,16 @@ class SGConfig(SerializableConfig):
 
     def settings(self) -> dict[str, Any]:
         return {"ratio": self.ratio}
+
+    @classmethod
+    def for_budget(cls, method: str, vocab_size: int, dim: int, budget: float, *, by: str = "params",
+                   element_size: int = 4, **options) -> "SGConfig":
+        """The most groups whose vectors (and, by bytes, the group index) fit the budget."""
+        allowed, value = cls.budget_units(vocab_size, dim, budget, by, element_size)
+        groups = largest(lambda n: n * dim * value + vocab_size * cls.index_bytes(n, by), 2, vocab_size, allowed)
+        if groups is None:
+            raise ValueError(f"budget {budget:.4%} is too small for SG: not even 2 groups fit")
+        return cls(ratio=groups / vocab_size, **options)
 
 
 class GroupedEmbedding(CompressedEmbedding):
@@ -101,6 +113,7 @@ class GroupedEmbedding(CompressedEmbedding):
         return f"{self.num_embeddings}, {self.embedding_dim}, groups={self.num_groups}"
 
 
+@register(SGConfig, "sg")
 def fit_sg(config: SGConfig, weight: torch.Tensor, name: str, progress: bool, **kwargs) -> tuple[GroupedEmbedding, float]:
     """Group the rows of `weight` by k-means on their directions; each group's vector is its members' mean."""
     rows = weight.detach().float()

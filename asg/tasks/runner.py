@@ -275,22 +275,14 @@ def _has_accelerator() -> bool:
 def _compress(model, spec: dict[str, Any]) -> dict[str, Any]:
     """Compress the task model in place as `spec` says ({"method": "asg", "k": 256, "m": 96} or a baseline
     with a "budget"); returns the report as a dict."""
-    from ..baselines import config_for_budget
-    from ..config import ASGConfig
+    from ..methods import config_from_options
     from ..surgery import compress
 
     spec = dict(spec)
     method = spec.pop("method", "asg")
-    targets = spec.pop("targets", None) or ("input", "output")
-    if method == "asg" and "budget" not in spec:
-        config = ASGConfig(targets=targets, **spec)
-    else:
-        weight = model.get_input_embeddings().weight
-        budget = spec.pop("budget")
-        budget = float(str(budget).rstrip("%")) / 100 if str(budget).endswith("%") else float(budget)
-        config = config_for_budget(method, *weight.shape, budget, targets=targets, **spec)
-    if model.get_output_embeddings() is None:
-        config.targets = tuple(t for t in config.targets if t == "input") or ("input",)
+    if model.get_output_embeddings() is None:  # an encoder task model: only its input table
+        spec["targets"] = ("input",)
+    config = config_from_options(method, tuple(model.get_input_embeddings().weight.shape), **spec)
     return compress(model, config, progress=False).to_dict()
 
 
