@@ -21,16 +21,14 @@ from torch import nn
 
 from . import atomic, format as fmt
 from .format import CONFIG_NAME, FORMAT_VERSION, INDEX_NAME, WEIGHTS_NAME, adapt_plan, renamer, write_notice_index
-from .loading import architecture_class
+from .loading import TOKENIZER_FILES, architecture_class
 from .modules import CompressedEmbedding
 from .surgery import is_compressed, rebuild
 
 logger = logging.getLogger(__name__)
 
 #: What a folder of this package held before folders carried a manifest of their files (see asg.atomic).
-PACKAGE_FILES = (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME, "generation_config.json", "tokenizer.json",
-                 "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json",
-                 "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "chat_template.jinja")
+PACKAGE_FILES = (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME, "generation_config.json", *TOKENIZER_FILES)
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, overwrite: bool = True) -> Path:

@@ -178,10 +178,7 @@ def inspect(
         raise ValueError(f"--limit {limit} must be at least 1")
     chosen = _parse_segments(segments)
     codebooks, codes = load_table(path, table)
-    tokenizer = load_tokenizer(path)
-    if tokenizer is None:
-        raise ValueError(f"{path} holds no tokenizer; compress with `asg compress`, or save with "
-                         "asg.save_pretrained(model, path, tokenizer=tokenizer)")
+    tokenizer = load_tokenizer(path, required=True)
     pieces = _pieces(tokenizer, token)
     result = {"token": token, "table": table, "pieces": []}
     for piece, token_id in pieces:
@@ -235,9 +232,7 @@ def compare(
     name = model if model is not None else DEFAULT_MODEL_NAME
     typer.echo(f"loading {name}", err=True)
     dense = load_model(source).eval()
-    tokenizer = load_tokenizer(source)
-    if tokenizer is None:
-        raise ValueError(f"{source} has no tokenizer; fidelity needs one")
+    tokenizer = load_tokenizer(source, required=True)
     vocab_size, dim = dense.get_input_embeddings().weight.shape
     m = suggest_k_m(vocab_size, dim)[1] if m is None else m
     rows = compare_methods(dense, tokenizer, texts, budget=fraction, by=budget_by, m=m, methods=chosen,
@@ -342,9 +337,7 @@ def calibrate(
     heldout, texts = shuffled[:cut], shuffled[cut:]
     held = read_texts(eval_text)
     model = from_pretrained(path)
-    tokenizer = load_tokenizer(path)
-    if tokenizer is None:
-        raise ValueError(f"{path} holds no tokenizer; compress with `asg compress`, which saves it")
+    tokenizer = load_tokenizer(path, required=True)
     dense = _reference_model(path, reference)
     before = [measure(model, dense, tokenizer, part) for part in (heldout, held)]
     result = run_calibration(model, dense, texts, tokenizer=tokenizer, steps=steps, lr=lr, batch_size=batch_size,
@@ -377,9 +370,7 @@ def fidelity(
 
     texts = read_texts(text)
     model = from_pretrained(path)
-    tokenizer = load_tokenizer(path)
-    if tokenizer is None:
-        raise ValueError(f"{path} holds no tokenizer; compress with `asg compress`, which saves it")
+    tokenizer = load_tokenizer(path, required=True)
     _print_fidelity([(str(path), measure(model, _reference_model(path, reference), tokenizer, texts))], len(texts),
                     str(text) if text else "built-in sentences")
 

@@ -60,14 +60,27 @@ def forget_gguf_quantization(model) -> None:
             del model.config.quantization_config
 
 
-def load_tokenizer(name_or_path: str | Path):
-    """The model's tokenizer (read from the file itself for a GGUF file), or None where there is none."""
+#: The files a saved tokenizer consists of (one of them is always there).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model", "chat_template.jinja")
+
+
+def load_tokenizer(name_or_path: str | Path, *, required: bool = False):
+    """The model's tokenizer (read from the file itself for a GGUF file), or None where there is none;
+    with `required`, a ValueError that says how to get one instead of None."""
     from transformers import AutoTokenizer
 
     try:
         source, options = source_and_options(name_or_path)
+        if Path(source).is_dir() and not options and not any((Path(source) / name).exists() for name in TOKENIZER_FILES):
+            # transformers 5 builds an empty tokenizer (specials only) for a folder without tokenizer files
+            raise ValueError("no tokenizer files")
         return AutoTokenizer.from_pretrained(source, **options)
     except (OSError, ValueError, TypeError):
+        if required:
+            raise ValueError(f"{name_or_path} holds no tokenizer; compress with `asg compress`, which saves it, or "
+                             "save one beside the model (asg.save_pretrained(model, path, tokenizer=tokenizer))") from None
         return None
 
 

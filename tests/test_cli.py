@@ -306,3 +306,12 @@ def test_ctrl_c_during_kmeans_writes_nothing(tmp_path):
     assert "interrupted; nothing was written" in rest
     assert "Traceback" not in rest
     assert list(tmp_path.iterdir()) == []
+
+
+def test_commands_that_need_a_tokenizer_say_how_to_get_one(tmp_path):
+    model = make_bert()
+    asg.compress(model, asg.ASGConfig(k=16, m=8), progress=False)
+    asg.save_pretrained(model, tmp_path / "bare")  # no tokenizer saved
+    for args in (["inspect", str(tmp_path / "bare"), "--token", "father"], ["fidelity", str(tmp_path / "bare"),
+                                                                          "--reference", str(tmp_path / "bare")]):
+        assert_user_error(run(*args), "holds no tokenizer; compress with `asg compress`, which saves it")

@@ -139,9 +139,7 @@ def load_model(source: str | None, kind, labels: list[str]):
             model = load_dense(source, model_class, ignore_mismatched_sizes=bool(options), **options)
     except (OSError, KeyError) as err:
         raise ValueError(f"could not load {source} as {model_class.__name__}: {err}") from None
-    tokenizer = load_tokenizer(source)
-    if tokenizer is None:
-        raise ValueError(f"{source} has no tokenizer; save one next to the model (asg compress does)")
+    tokenizer = load_tokenizer(source, required=True)
     if tokenizer.pad_token is None and (tokenizer.eos_token or tokenizer.unk_token):
         # decoder-only models (GPT-2, Llama, Gemma) have no padding token: pad with end-of-text, as is usual
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
