@@ -126,6 +126,11 @@ class CompressedEmbedding(nn.Module):
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise ValueError(f"tensor {name!r} holds NaN or infinite values")
 
+    def resize_(self, count: int, mean_resizing: bool = True) -> None:
+        """Change the vocabulary to `count` tokens in place (ASG tables only; others say what to do instead)."""
+        raise ValueError(f"resize_token_embeddings supports ASG tables, not {type(self).__name__}: resize the "
+                         "dense model first (model.resize_token_embeddings, then asg.compress)")
+
     def value_count(self) -> int:
         """How many numbers define the table's values (trainable or frozen), index tables excluded."""
         return sum(p.numel() for p in self.parameters())
@@ -363,6 +368,34 @@ class ASGEmbedding(CompressedEmbedding):
     def index_bytes(self) -> int:
         return self.codes.numel() * self.codes.element_size()
 
+    def resize_(self, count: int, mean_resizing: bool = True) -> None:
+        """Keep the first `count` tokens, or add tokens whose codes encode an initial vector (drawn from the
+        old rows' mean and covariance, or their mean with `mean_resizing=False`) against the existing
+        codebooks; with row lengths, new rows get the mean length."""
+        old = self.num_embeddings
+        codes = self.codes
+        if count <= old:
+            self.codes = codes[:count].clone()
+        else:
+            with torch.no_grad():
+                rows = self.weight.float()
+                mean = rows.mean(0)
+                extra = mean.expand(count - old, -1)
+                if mean_resizing:
+                    covariance = torch.cov(rows.T) + 1e-6 * torch.eye(rows.shape[1], device=rows.device)
+                    extra = torch.distributions.MultivariateNormal(mean, covariance_matrix=covariance).sample((count - old,))
+                codebooks = self.codebooks.detach().float()
+                if not self.shared:
+                    codebooks = codebooks.view(self.m, self.k, self.segment_dim)
+                new_codes = torch.as_tensor(pq.encode(codebooks, extra.cpu())).to(codes.device, codes.dtype)
+            self.codes = torch.cat([codes, new_codes])
+        if self.norm_mode == "row":
+            with torch.no_grad():
+                kept = self.norms.data[:count]
+                fill = kept.mean().expand(max(0, count - len(kept)))
+                self.norms = nn.Parameter(torch.cat([kept, fill]), requires_grad=self.norms.requires_grad)
+        self.num_embeddings = count
+
     def extra_repr(self) -> str:
         kind = "shared" if self.shared else "separate"
         norms = f", norms={self.norm_mode}" if self.norm_mode else ""
@@ -392,6 +425,15 @@ class ASGHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits (..., V) for hidden states (..., D)."""
         return self.embedding.logits(hidden, self.bias)
+
+    def resize_(self, count: int) -> None:
+        """Follow the table's new vocabulary size: `out_features`, and the bias cut or padded with zeros."""
+        self.out_features = count
+        if self.bias is not None:
+            old = self.bias.data
+            bias = torch.zeros(count, dtype=old.dtype, device=old.device)
+            bias[: min(len(old), count)] = old[:count]
+            self.bias.data = bias
 
     def lookup_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Eq. 2 computed segment by segment (ASG tables only); equal to `forward` up to rounding."""

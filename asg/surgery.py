@@ -43,56 +43,11 @@ def compress(model: nn.Module, config, *, tokenizer=None, progress: bool = True)
         config.validate_for(*embedding.weight.shape, "input embedding")
     if head is not None and OUTPUT in config.targets:
         config.validate_for(*head.weight.shape, "output head")
-
-    options = {}
-    if getattr(config, "weights", None) is not None:
-        options["weights"] = _token_weights(config.weights, tokenizer, embedding.weight.shape[0])
     params_before = count_parameters(model)
-    tied = head is not None and _same_tensor(head.weight, embedding.weight)
-    tables: dict[str, dict[str, Any]] = {}
-    errors: dict[str, float] = {}
-    dense: dict[int, torch.Tensor] = {}  # the replaced dense weights, each once
-    new_input = None
     with torch.no_grad():
-        if INPUT in config.targets:
-            locations = _input_locations(model, embedding)
-            new_input, errors[INPUT] = fitter(config, embedding.weight, INPUT, progress,
-                                              padding_idx=embedding.padding_idx,
-                                              embed_scale=getattr(embedding, "embed_scale", None), **options)
-            for path in locations:
-                weight = model.get_submodule(path).weight
-                dense.setdefault(weight.data_ptr(), weight)
-                _set_submodule(model, path, new_input)
-            tables[INPUT] = {"locations": locations, **new_input.spec(), "dense_element_size": embedding.weight.element_size()}
-        if head is not None and OUTPUT in config.targets:
-            locations = _locations(model, head)
-            if tied and new_input is not None:
-                table = new_input
-            else:
-                table, errors[OUTPUT] = fitter(config, head.weight, OUTPUT, progress, **options)
-                dense.setdefault(head.weight.data_ptr(), head.weight)
-            tables[OUTPUT] = {"locations": locations, **table.spec(), "tied": table is new_input,
-                              "bias": head.bias is not None, "dense_element_size": head.weight.element_size()}
-            new_head = ASGHead(table, head.bias)
-            for path in locations:
-                _set_submodule(model, path, new_head)
-
-    _declare_ties(model, tables)
-    modules = compressed_tables(model)
-    report = CompressionReport(
-        method=config.method,
-        settings=config.settings(),
-        embedding_params_before=sum(w.numel() for w in dense.values()),
-        embedding_params_after=sum(mod.value_count() for mod in modules),
-        model_params_before=params_before,
-        model_params_after=count_parameters(model),
-        code_bytes=sum(mod.index_bytes() for mod in modules),
-        dense_bytes=sum(_nbytes(w) for w in dense.values()),
-        embedding_bytes_after=sum(mod.storage_bytes() for mod in modules),
-        reconstruction_error=errors,
-        tables=tables,
-    )
-    _mark_for_transformers(model)
+        fitted, tables, dense, errors = _fit_tables(model, config, fitter, embedding, head, tokenizer, progress)
+    _place(model, tables, fitted.get(INPUT), fitted.get(OUTPUT))
+    report = _report(model, config, tables, dense, errors, params_before)
     model.config.asg = {
         "format_version": FORMAT_VERSION,
         "asg_version": __version__,
@@ -109,23 +64,80 @@ def compress(model: nn.Module, config, *, tokenizer=None, progress: bool = True)
 def rebuild(model: nn.Module, plan: dict[str, Any]) -> None:
     """Put empty compressed tables of the recorded kinds and shapes where `plan` (a `config.asg` section) says."""
     tables = plan["tables"]
-    new_input = None
-    if INPUT in tables:
-        entry = tables[INPUT]
-        dense = model.get_submodule(entry["locations"][0])
-        new_input = _empty_like(entry, dense)
-        for path in entry["locations"]:
-            _set_submodule(model, path, new_input)
+    new_input = _empty_like(tables[INPUT], model.get_submodule(tables[INPUT]["locations"][0])) if INPUT in tables else None
+    new_output = None
     if OUTPUT in tables:
         entry = tables[OUTPUT]
-        dense = model.get_submodule(entry["locations"][0])
-        table = new_input if entry["tied"] else _empty_like(entry, dense)
-        new_head = ASGHead(table, dense.bias if entry["bias"] else None)
+        new_output = new_input if entry["tied"] else _empty_like(entry, model.get_submodule(entry["locations"][0]))
+    _place(model, tables, new_input, new_output)
+    model.config.asg = plan
+
+
+def _fit_tables(model: nn.Module, config, fitter, embedding: nn.Embedding, head: nn.Linear | None, tokenizer,
+                progress: bool):
+    """Fit the targeted tables without touching the model: ({table: module}, {table: plan entry}, the dense
+    weights they replace (each once), {table: relative error}). A head tied to the input shares its module."""
+    options = {}
+    if getattr(config, "weights", None) is not None:
+        options["weights"] = _token_weights(config.weights, tokenizer, embedding.weight.shape[0])
+    fitted: dict[str, CompressedEmbedding] = {}
+    tables: dict[str, dict[str, Any]] = {}
+    errors: dict[str, float] = {}
+    dense: dict[int, torch.Tensor] = {}
+    if INPUT in config.targets:
+        locations = _input_locations(model, embedding)
+        fitted[INPUT], errors[INPUT] = fitter(config, embedding.weight, INPUT, progress, padding_idx=embedding.padding_idx,
+                                              embed_scale=getattr(embedding, "embed_scale", None), **options)
+        for path in locations:
+            weight = model.get_submodule(path).weight
+            dense.setdefault(weight.data_ptr(), weight)
+        tables[INPUT] = {"locations": locations, **fitted[INPUT].spec(),
+                         "dense_element_size": embedding.weight.element_size()}
+    if head is not None and OUTPUT in config.targets:
+        if INPUT in fitted and _same_tensor(head.weight, embedding.weight):
+            fitted[OUTPUT] = fitted[INPUT]
+        else:
+            fitted[OUTPUT], errors[OUTPUT] = fitter(config, head.weight, OUTPUT, progress, **options)
+            dense.setdefault(head.weight.data_ptr(), head.weight)
+        tables[OUTPUT] = {"locations": _locations(model, head), **fitted[OUTPUT].spec(),
+                          "tied": fitted[OUTPUT] is fitted.get(INPUT), "bias": head.bias is not None,
+                          "dense_element_size": head.weight.element_size()}
+    return fitted, tables, dense, errors
+
+
+def _place(model: nn.Module, tables: dict[str, dict[str, Any]], new_input: CompressedEmbedding | None,
+           new_output: CompressedEmbedding | None) -> None:
+    """Put the input table at every input place, and a head over the output table (keeping the dense head's
+    bias) at every output place, as `tables` records; then the ties and what transformers needs."""
+    if new_input is not None:
+        for path in tables[INPUT]["locations"]:
+            _set_submodule(model, path, new_input)
+    if new_output is not None:
+        entry = tables[OUTPUT]
+        bias = model.get_submodule(entry["locations"][0]).bias if entry["bias"] else None
+        new_head = ASGHead(new_output, bias)
         for path in entry["locations"]:
             _set_submodule(model, path, new_head)
     _declare_ties(model, tables)
     _mark_for_transformers(model)
-    model.config.asg = plan
+
+
+def _report(model: nn.Module, config, tables, dense: dict[int, torch.Tensor], errors: dict[str, float],
+            params_before: int) -> CompressionReport:
+    modules = compressed_tables(model)
+    return CompressionReport(
+        method=config.method,
+        settings=config.settings(),
+        embedding_params_before=sum(w.numel() for w in dense.values()),
+        embedding_params_after=sum(mod.value_count() for mod in modules),
+        model_params_before=params_before,
+        model_params_after=count_parameters(model),
+        code_bytes=sum(mod.index_bytes() for mod in modules),
+        dense_bytes=sum(_nbytes(w) for w in dense.values()),
+        embedding_bytes_after=sum(mod.storage_bytes() for mod in modules),
+        reconstruction_error=errors,
+        tables=tables,
+    )
 
 
 def is_compressed(model: nn.Module) -> bool:
@@ -251,64 +263,25 @@ def _mark_for_transformers(model: nn.Module) -> None:
 
 def resize_token_embeddings(model: nn.Module, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
                             mean_resizing: bool = True) -> nn.Module:
-    """Resize a compressed model's vocabulary, as transformers' method of the same name does for dense tables:
-    each new token gets codes by encoding an initial vector (drawn from the old rows' mean and covariance,
-    or their mean) against the existing codebooks; removing tokens drops their codes. Returns the input table."""
-    tables = model.config.asg["tables"]
+    """Resize a compressed model's vocabulary, as transformers' method of the same name does for dense tables
+    (see `ASGEmbedding.resize_`). Returns the input table."""
     if new_num_tokens is None:
         return model.get_input_embeddings()
     if pad_to_multiple_of:
         new_num_tokens = -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
     if new_num_tokens < 1:
         raise ValueError(f"new_num_tokens={new_num_tokens} must be at least 1")
-    modules = {name: model.get_submodule(entry["locations"][0]) for name, entry in tables.items()}
-    for name, module in modules.items():
-        table = module if name == INPUT else module.embedding
-        if not isinstance(table, ASGEmbedding):
-            raise ValueError(f"resize_token_embeddings supports ASG tables, not {type(table).__name__}: resize the "
-                             "dense model first (model.resize_token_embeddings, then asg.compress)")
-    resized = set()
-    for name, module in modules.items():
-        table = module if name == INPUT else module.embedding
-        if id(table) not in resized:
-            _resize_table(table, new_num_tokens, mean_resizing)
-            resized.add(id(table))
-        if name == OUTPUT:
-            module.out_features = new_num_tokens
-            if module.bias is not None:
-                old = module.bias.data
-                bias = torch.zeros(new_num_tokens, dtype=old.dtype, device=old.device)
-                bias[: min(len(old), new_num_tokens)] = old[:new_num_tokens]
-                module.bias.data = bias
+    tables = model.config.asg["tables"]
+    places = {name: model.get_submodule(entry["locations"][0]) for name, entry in tables.items()}
+    compressed = {name: place if name == INPUT else place.embedding for name, place in places.items()}
+    for table in {id(t): t for t in compressed.values()}.values():
+        table.resize_(new_num_tokens, mean_resizing)
+    if OUTPUT in places:
+        places[OUTPUT].resize_(new_num_tokens)
+    for name, table in compressed.items():
         tables[name].update(table.spec())
     model.config.vocab_size = new_num_tokens
     return model.get_input_embeddings()
-
-
-def _resize_table(table: ASGEmbedding, count: int, mean_resizing: bool) -> None:
-    old = table.num_embeddings
-    codes = table.codes
-    if count <= old:
-        table.codes = codes[:count].clone()
-    else:
-        with torch.no_grad():
-            rows = table.weight.float()
-            mean = rows.mean(0)
-            extra = mean.expand(count - old, -1)
-            if mean_resizing:
-                covariance = torch.cov(rows.T) + 1e-6 * torch.eye(rows.shape[1], device=rows.device)
-                extra = torch.distributions.MultivariateNormal(mean, covariance_matrix=covariance).sample((count - old,))
-            codebooks = table.codebooks.detach().float()
-            if not table.shared:
-                codebooks = codebooks.view(table.m, table.k, table.segment_dim)
-            new_codes = torch.as_tensor(pq.encode(codebooks, extra.cpu())).to(codes.device, codes.dtype)
-        table.codes = torch.cat([codes, new_codes])
-    if table.norm_mode == "row":
-        with torch.no_grad():
-            kept = table.norms.data[:count]
-            fill = kept.mean().expand(max(0, count - len(kept)))
-            table.norms = nn.Parameter(torch.cat([kept, fill]), requires_grad=table.norms.requires_grad)
-    table.num_embeddings = count
 
 
 def _declare_ties(model: nn.Module, tables: dict[str, dict[str, Any]]) -> None:
