@@ -2,6 +2,7 @@
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,15 +108,18 @@ def test_without_kernels_everything_still_computes_the_same(monkeypatch):
     module = random_module(vocab=800, k=64)
     head = asg.ASGHead(module)
     hidden = torch.randn(3, 32)
+    ids = torch.tensor([[3, 799], [0, 5]])
+    x = torch.randn(300, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        fast = head(hidden)
+        fast = (head(hidden), module(ids), module.weight)
+    fit = pq.fit(x, k=8, m=4, backend="torch")  # its assignment step uses the argmin kernel
     monkeypatch.setitem(kernels._state, "lib", None)
     assert not kernels.available()
     with torch.no_grad():
-        torch.testing.assert_close(head(hidden), fast, rtol=1e-5, atol=1e-5)
-    x = torch.randn(300, 16)
-    fit = pq.fit(x, k=8, m=4, backend="torch")
-    assert fit.codes.shape == (300, 4)
+        torch.testing.assert_close(head(hidden), fast[0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(module(ids), fast[1]) and torch.equal(module.weight, fast[2])  # gathers are copies
+    again = pq.fit(x, k=8, m=4, backend="torch")
+    assert np.array_equal(again.codes, fit.codes) and np.array_equal(again.codebooks, fit.codebooks)
 
 
 def test_a_failing_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):

@@ -55,13 +55,17 @@ def test_recovers_clustered_data(backend):
     assert pq.relative_error(x, pq.decode(fit.codebooks, fit.codes)) < 0.01
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_error_falls_as_k_grows_and_matches_across_backends(backend):
+def test_error_falls_as_k_grows_and_matches_across_backends():
     x = np.random.default_rng(3).standard_normal((2000, 32)).astype(np.float32)
-    errors = [pq.relative_error(x, pq.decode(*pq.fit(x, k=k, m=8, backend=backend))) for k in (4, 16, 64)]
-    assert errors[0] > errors[1] > errors[2]
-    # Gaussian data, 4-dim segments, 64 centroids: k-means leaves roughly 0.35 of the norm; both backends agree
-    assert 0.25 < errors[2] < 0.45
+    errors = {backend: [pq.relative_error(x, pq.decode(*pq.fit(x, k=k, m=8, backend=backend))) for k in (4, 16, 64)]
+              for backend in BACKENDS}
+    for backend, row in errors.items():
+        assert row[0] > row[1] > row[2], backend
+    # Gaussian data, 4-dim segments, 64 centroids: k-means leaves about 0.40 of the norm (0.4048 and 0.4046 here)
+    assert 0.3 < errors["faiss"][2] < 0.5
+    # two implementations of the same k-means (other initial draws, other tie-breaking): within 1% of each other
+    for faiss_error, torch_error in zip(errors["faiss"], errors["torch"]):
+        assert abs(faiss_error - torch_error) < 0.01 * faiss_error
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
