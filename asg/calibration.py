@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .fidelity import _last_hidden, is_generative, token_limit
+from .fidelity import (_last_hidden, is_generative, next_token_kl, next_token_logits, next_token_positions,
+                       token_limit)
 from .surgery import compressed_tables
 
 MIN_GAIN = 1e-3  # a held-out loss must fall by this fraction to count as an improvement
@@ -161,17 +162,10 @@ def _loss(model, reference, enc, generative: bool) -> torch.Tensor:
         hidden = _last_hidden(model, enc).float()
         weight = mask[..., None].float()
         return ((hidden - target).square() * weight).sum() / (target.square() * weight).sum().clamp_min(1e-12)
-    if getattr(reference.config, "is_encoder_decoder", False):
-        labels = enc["input_ids"].masked_fill(mask == 0, -100)
-        with torch.no_grad():
-            target = reference(**enc, labels=labels).logits.float()
-        logits = model(**enc, labels=labels).logits.float()
-        valid = mask.bool()
-    else:
-        with torch.no_grad():
-            target = reference(**enc).logits.float()[:, :-1]
-        logits = model(**enc).logits.float()[:, :-1]
-        valid = (mask[:, 1:] * mask[:, :-1]).bool()
-    log_q = torch.log_softmax(target, -1)
-    kl = (log_q.exp() * (log_q - torch.log_softmax(logits, -1))).sum(-1)
+    encoder_decoder = bool(getattr(reference.config, "is_encoder_decoder", False))
+    valid, _ = next_token_positions(enc, encoder_decoder)
+    with torch.no_grad():
+        target = next_token_logits(reference, enc, encoder_decoder)
+    logits = next_token_logits(model, enc, encoder_decoder)
+    kl = next_token_kl(torch.log_softmax(logits, -1), torch.log_softmax(target, -1))
     return kl[valid].mean() if valid.any() else kl.sum() * 0

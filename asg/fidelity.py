@@ -105,23 +105,39 @@ def _last_hidden(model, enc) -> torch.Tensor:
 
 def _generative_sums(model, reference, enc) -> dict[str, float]:
     """Sums over the scored positions of KL(reference || model), top-1 agreement and both models' NLL."""
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    if getattr(reference.config, "is_encoder_decoder", False):
-        labels = ids.masked_fill(mask == 0, -100)
-        logits = [m(**enc, labels=labels).logits.float() for m in (model, reference)]
-        valid = mask.bool()
-        targets = ids
-    else:
-        logits = [m(**enc).logits.float()[:, :-1] for m in (model, reference)]
-        valid = (mask[:, 1:] * mask[:, :-1]).bool()
-        targets = ids[:, 1:]
+    encoder_decoder = bool(getattr(reference.config, "is_encoder_decoder", False))
+    valid, targets = next_token_positions(enc, encoder_decoder)
+    logits = [next_token_logits(m, enc, encoder_decoder) for m in (model, reference)]
     log_p, log_q = (torch.log_softmax(x, -1) for x in logits)
-    kl = (log_q.exp() * (log_q - log_p)).sum(-1)  # KL(reference || model) at each position
+    kl = next_token_kl(log_p, log_q)
     nll = -log_p.gather(-1, targets[..., None])[..., 0]
     ref_nll = -log_q.gather(-1, targets[..., None])[..., 0]
     agree = (log_p.argmax(-1) == log_q.argmax(-1)).float()
     return {"kl": kl[valid].sum().item(), "agree": agree[valid].sum().item(), "tokens": valid.sum().item(),
             "nll": nll[valid].sum().item(), "ref_nll": ref_nll[valid].sum().item()}
+
+
+def next_token_positions(enc, encoder_decoder: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(which positions are scored, the token each predicts) for the logits of `next_token_logits`: every
+    real target token of an encoder–decoder, every real token after the first of a causal LM."""
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    if encoder_decoder:
+        return mask.bool(), ids
+    return (mask[:, 1:] * mask[:, :-1]).bool(), ids[:, 1:]
+
+
+def next_token_logits(model, enc, encoder_decoder: bool) -> torch.Tensor:
+    """Float32 logits at the positions `next_token_positions` scores (an encoder–decoder reads the text as its
+    own target)."""
+    if encoder_decoder:
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        return model(**enc, labels=labels).logits.float()
+    return model(**enc).logits.float()[:, :-1]
+
+
+def next_token_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(reference || model) at each position, from the model's (`log_p`) and reference's (`log_q`) log-softmax."""
+    return (log_q.exp() * (log_q - log_p)).sum(-1)
 
 
 def _device(model) -> torch.device:
