@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import random
 import os
 import sys
 from pathlib import Path
@@ -323,7 +322,8 @@ def calibrate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it is an existing ASG checkpoint."),
 ) -> None:
     """Train only the codebooks so that the compressed model reproduces the original on unlabelled text."""
-    from .calibration import calibrate as run_calibration, default_corpus
+    from .calibration import CalibrationConfig, default_corpus, split_heldout
+    from .calibration import calibrate as run_calibration
     from .checkpoint import from_pretrained, save_pretrained
     from .fidelity import fidelity as measure, read_texts
     from .loading import load_tokenizer
@@ -332,19 +332,14 @@ def calibrate(
     texts = [t for name in text for t in read_texts(name)] if text else default_corpus()
     if len(texts) < 2:
         raise ValueError("calibration needs at least two texts: one part trains, another decides when to stop")
-    shuffled = random.Random(0).sample(texts, len(texts))
-    cut = max(1, len(texts) // 10)
-    heldout, texts = shuffled[:cut], shuffled[cut:]
+    texts, heldout = split_heldout(texts)
     held = read_texts(eval_text)
     model = from_pretrained(path)
     tokenizer = load_tokenizer(path, required=True)
     dense = _reference_model(path, reference)
     before = [measure(model, dense, tokenizer, part) for part in (heldout, held)]
-    result = run_calibration(model, dense, texts, tokenizer=tokenizer, steps=steps, lr=lr, batch_size=batch_size,
-                             max_length=max_length, heldout=heldout, anchor=anchor)
-    model.config.asg["calibration"] = {"steps": result.steps, "best_step": result.best_step, "texts": len(texts),
-                                       "heldout_loss_before": result.heldout_before,
-                                       "heldout_loss_after": result.heldout_after, "lr": lr, "anchor": anchor}
+    config = CalibrationConfig(steps=steps, lr=lr, batch_size=batch_size, max_length=max_length, anchor=anchor)
+    result = run_calibration(model, dense, texts, tokenizer=tokenizer, config=config, heldout=heldout)
     _written.append(save_pretrained(model, output, tokenizer=tokenizer, overwrite=overwrite))
     typer.echo(f"calibrated on {len(texts):,} texts: held-out distillation loss {result.heldout_before:.4g} -> "
                f"{result.heldout_after:.4g} (best at step {result.best_step} of {result.steps})")

@@ -66,6 +66,9 @@ def test_calibration_lowers_heldout_loss_and_touches_only_codebooks(arch, genera
     if arch == "mt5":  # input and output tables are calibrated together
         assert {"shared.codebooks", "lm_head.embedding.codebooks"} <= changed
     assert all(p.requires_grad for p in model.parameters())  # flags restored
+    recorded = model.config.asg["calibration"]  # what a saved folder will say about it
+    assert (recorded["steps"], recorded["lr"], recorded["texts"], recorded["heldout_texts"]) == (60, 1e-2, 200, 40)
+    assert recorded["heldout_loss_after"] == result.heldout_after
 
 
 def test_calibration_keeps_the_best_state_and_stops_early():
@@ -87,6 +90,17 @@ def test_calibration_errors():
     asg.compress(model, asg.ASGConfig(k=16, m=8), progress=False)
     with pytest.raises(ValueError, match="no text to calibrate on"):
         calibrate(model, reference, ["", "  "], tokenizer=WordTokenizer())
+    with pytest.raises(ValueError, match="heldout_fraction=1.5 must be in"):
+        calibrate(model, reference, ["the cat"], tokenizer=WordTokenizer(), heldout_fraction=1.5)
+
+
+def test_the_library_owns_the_heldout_split():
+    from asg.calibration import split_heldout
+
+    train, held = split_heldout([f"text {i}" for i in range(25)] + ["", " "])
+    assert len(held) == 2 and len(train) == 23 and not set(train) & set(held)  # a tenth, empty lines dropped
+    assert split_heldout([f"text {i}" for i in range(25)]) == (train, held)  # the same seed, the same split
+    assert split_heldout(["only"]) == (["only"], ["only"])
 
 
 def test_default_corpus_is_real_prose():
