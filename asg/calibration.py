@@ -118,9 +118,9 @@ def calibrate(model, reference, texts: list[str], *, tokenizer, config: Calibrat
         enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
         return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
-    def heldout_loss() -> float:
+    def heldoutdistillation_loss() -> float:
         with torch.no_grad():
-            losses = [_loss(model, reference, encode(heldout[i:i + batch_size]), generative).item()
+            losses = [distillation_loss(model, reference, encode(heldout[i:i + batch_size]), generative).item()
                       for i in range(0, len(heldout), batch_size)]
         return sum(losses) / len(losses)
 
@@ -129,17 +129,17 @@ def calibrate(model, reference, texts: list[str], *, tokenizer, config: Calibrat
     anchors = _dense_counterparts(model, reference) if config.anchor else []
     with _only_tables_train(model, tables) as trainable:
         optimizer = torch.optim.Adam(trainable, lr=config.lr)
-        stopper = _EarlyStopping(trainable, heldout_loss(), config.patience)
+        stopper = _EarlyStopping(trainable, heldoutdistillation_loss(), config.patience)
         bar = tqdm(_batches(texts, batch_size, config.steps, config.seed), total=config.steps, desc="calibrate",
                    unit="step", disable=not progress)
         try:
             for step, batch in enumerate(bar, start=1):
-                loss = _loss(model, reference, encode(batch), generative)
+                loss = distillation_loss(model, reference, encode(batch), generative)
                 optimizer.zero_grad()
                 (loss + config.anchor * sum(_distance(table, dense) for table, dense in anchors)).backward()
                 optimizer.step()
                 if step % config.eval_every == 0 or step == config.steps:
-                    current = heldout_loss()
+                    current = heldoutdistillation_loss()
                     bar.set_postfix(loss=f"{loss.item():.4g}", heldout=f"{current:.4g}")
                     if stopper.measured(step, loss.item(), current):
                         break
@@ -222,7 +222,7 @@ def _distance(table, dense: torch.Tensor) -> torch.Tensor:
     return (table.weight - dense).square().sum() / dense.square().sum()
 
 
-def _loss(model, reference, enc, generative: bool) -> torch.Tensor:
+def distillation_loss(model, reference, enc, generative: bool) -> torch.Tensor:
     """The distillation loss of one batch: relative squared error of the last hidden states (encoders), or
     KL(reference || model) of the next-token distributions (generative models)."""
     mask = enc["attention_mask"]

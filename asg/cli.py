@@ -265,7 +265,7 @@ def finetune(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in OUTPUT."),
 ) -> None:
     """Fine-tune a model (dense or compressed) on a task and evaluate it, one row per evaluation language."""
-    from .tasks import FinetuneSettings
+    from .tasks import FinetuneRuntime, FinetuneSettings
     from .tasks import finetune as run_finetune
 
     settings = FinetuneSettings(
@@ -273,8 +273,8 @@ def finetune(
         eval_files=list(eval_file or []), train_lang=train_lang, eval_langs=_split_list(eval_lang),
         learning_rate=lr, epochs=epochs, batch_size=batch_size, max_length=max_length, max_steps=max_steps,
         save_steps=save_steps, seed=seed, max_train_examples=max_train_examples,
-        max_eval_examples=max_eval_examples, overwrite=overwrite)
-    _print_results(run_finetune(settings), output)
+        max_eval_examples=max_eval_examples)
+    _print_results(run_finetune(settings, FinetuneRuntime(overwrite=overwrite)), output)
 
 
 @app.command()
@@ -385,7 +385,7 @@ def _reference_model(path: Path, reference: str | None):
 
 
 def _print_fidelity(rows: list, count: int, where: str) -> None:
-    generative = rows[0][1]["kind"] == "generative"
+    generative = rows[0][1]["generative"]
     typer.echo(f"fidelity to the uncompressed model on {count} held-out texts ({where}):")
     if generative:
         typer.echo(f"  {'model':28}{'next-token KL':>14}{'top-1 agree':>13}{'perplexity':>12}{'reference':>11}")

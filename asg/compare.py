@@ -58,7 +58,7 @@ def write_comparison(rows: list[dict[str, Any]], out_dir: str | os.PathLike, tit
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The comparison as a Markdown table; the fidelity columns follow the kind of model."""
-    generative = any(row.get("kind") == "generative" for row in rows)
+    generative = any(row.get("generative") for row in rows)
     fid_head = ["next-token KL ↓", "top-1 agree ↑", "perplexity"] if generative else ["mean cosine ↑", "min cosine"]
     head = ["method", "settings", "emb. params %", "emb. bytes %", "recon. error ↓", *fid_head]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -84,7 +84,7 @@ def plot_comparison(rows: list[dict[str, Any]], path: str | os.PathLike, title: 
 
     done = [row for row in rows if "error" not in row]
     labels = [f"{row['method']}\n{row['settings']}" for row in done]
-    generative = any(row.get("kind") == "generative" for row in done)
+    generative = any(row.get("generative") for row in done)
     panels = [
         ("next-token KL to the original (lower is better)" if generative else "mean cosine to the original",
          [row["kl"] if generative else row["mean_cosine"] for row in done]),

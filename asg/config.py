@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
+from .format import NORM_MODES
 from .methods import largest
 from .pq import code_dtype
 
@@ -178,7 +179,7 @@ class ASGConfig(MethodConfig):
             raise ValueError(f"unknown codebook {self.codebook!r}: use 'separate' (one codebook per segment) or 'shared' (one for all)")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}: use 'faiss' (default) or 'torch' (no faiss needed, runs on GPU)")
-        if self.norms not in (None, "row", "scalar"):
+        if self.norms not in NORM_MODES:
             raise ValueError(f"unknown norms {self.norms!r}: use None, 'row' (one length per token) or 'scalar' (one for all)")
         if isinstance(self.weights, str) and not self.weights.strip():
             raise ValueError("weights is an empty string: give 'wordfreq', 'wordfreq:LANG', a counts file or an array")

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .tasks.metrics import percent_of_base
-from .tasks.runner import FinetuneSettings, finetune
+from .tasks.runner import FinetuneRuntime, FinetuneSettings, finetune
 
 KEYS = {"name", "task", "model", "train_files", "eval_files", "train_lang", "eval_langs", "hyperparameters",
         "runs", "output"}
@@ -85,10 +85,10 @@ def run_experiment(path: str | os.PathLike, *, overwrite: bool = False, progress
                 task=spec["task"], output=str(folder), model=None if model in (None, "default") else model,
                 train_files=list(spec.get("train_files") or []), eval_files=list(spec.get("eval_files") or []),
                 train_lang=spec.get("train_lang", "en"), eval_langs=spec.get("eval_langs"),
-                compression=compression, overwrite=True, progress=progress, **(spec.get("hyperparameters") or {}))
-            metrics = finetune(settings)
+                compression=compression, **(spec.get("hyperparameters") or {}))
+            metrics = finetune(settings, FinetuneRuntime(overwrite=True, progress=progress))
         rows.append(_row(run["name"], metrics))
-    _add_percent_of_base(rows)
+    add_percent_of_base(rows)
     title = f"{spec['name']}: {spec['task']} with {spec.get('model') or 'default'}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(f"# {title}\n\n{markdown_table(rows)}\n")
@@ -111,7 +111,7 @@ def _row(name: str, metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _add_percent_of_base(rows: list[dict[str, Any]]) -> None:
+def add_percent_of_base(rows: list[dict[str, Any]]) -> None:
     """%Base of every row against the first uncompressed one (none: the column stays empty)."""
     base = next((row for row in rows if row["embedding_percent"] == 100.0), None)
     for row in rows:

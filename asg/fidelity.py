@@ -82,11 +82,11 @@ def fidelity(model, reference, tokenizer, texts: list[str], *, batch_size: int =
         count = sums["tokens"]
         if not count:
             raise ValueError("the texts are too short: next-token fidelity needs texts of at least two tokens")
-        return {"kind": "generative", "kl": sums["kl"] / count, "top1_agreement": sums["agree"] / count,
+        return {"generative": True, "kl": sums["kl"] / count, "top1_agreement": sums["agree"] / count,
                 "perplexity": math.exp(sums["nll"] / count), "reference_perplexity": math.exp(sums["ref_nll"] / count),
                 "tokens": int(count), "texts": len(texts)}
     cosine = torch.cat(cosines)
-    return {"kind": "encoder", "mean_cosine": cosine.mean().item(), "min_cosine": cosine.min().item(),
+    return {"generative": False, "mean_cosine": cosine.mean().item(), "min_cosine": cosine.min().item(),
             "texts": len(texts)}
 
 

@@ -29,6 +29,7 @@ METHOD = "asg"  # the quantization method name transformers knows ASG folders by
 INDEX_NAME = "asg.safetensors.index.json"
 ASG_NOTICE = "this-is-an-ASG-checkpoint--pip-install-asg-and-import-asg-before-from_pretrained.safetensors"
 TABLES = ("input", "output")
+NORM_MODES = (None, "row", "scalar")  # which lengths an ASG table stores: none, one per row, one for all
 
 _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -272,7 +273,7 @@ def _validate_table(name: str, entry: Any, fail) -> None:
             fail(f"{field}.m", f"({entry['m']}) must divide embedding_dim ({entry['embedding_dim']})")
         if not isinstance(entry.get("shared"), bool):
             fail(f"{field}.shared", "must be true or false")
-        if entry.get("norms") not in (None, "row", "scalar"):
+        if entry.get("norms") not in NORM_MODES:
             fail(f"{field}.norms", "must be null, 'row' or 'scalar'")
         if entry["k"] > (1 << 31) - 1:
             fail(f"{field}.k", "is too large")

@@ -15,6 +15,7 @@ can write, and only when its SHA-256 matches the one recorded when this package 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -35,6 +36,7 @@ ROWS_MAX = 2  # up to this many rows, the row kernel (one pass over the codes) i
 
 _SUFFIX = {torch.uint8: "u8", torch.int16: "i16", torch.uint16: "u16", torch.int32: "i32"}
 _state: dict[str, object] = {}
+_UNSET = object()
 
 
 def library() -> ctypes.CDLL | None:
@@ -47,6 +49,21 @@ def library() -> ctypes.CDLL | None:
 def available() -> bool:
     """True when the C kernels can be used."""
     return library() is not None
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within the block, every caller takes its torch fallback, as without a compiler or with
+    `ASG_NO_KERNELS=1` (to compare the two paths in one process)."""
+    saved = _state.get("lib", _UNSET)
+    _state["lib"] = None
+    try:
+        yield
+    finally:
+        if saved is _UNSET:
+            _state.pop("lib", None)
+        else:
+            _state["lib"] = saved
 
 
 def lut_logits(tables: torch.Tensor, codes: torch.Tensor, *, codes_checked: bool = False) -> torch.Tensor:

@@ -10,6 +10,7 @@ This module imports nothing from asg.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 _CONFIGS: dict[str, type] = {}  # method name -> config class, in registration order
@@ -119,3 +120,33 @@ def largest(cost: Callable[[int], float], low: int, high: int, allowed: float) -
         mid = (low + high + 1) // 2
         low, high = (mid, high) if cost(mid) <= allowed else (low, mid - 1)
     return low
+
+
+@dataclass(frozen=True)
+class Compression:
+    """A compression asked for before the table's shape is known (a fine-tuning run, an experiment YAML):
+    the method, an optional budget and the method's options, checked when made; `config_for(shape)` is the
+    config for a table. Its dict form is flat: {"method": "asg", "k": 256, "m": 96} or {"method": "sg",
+    "budget": "10%"}."""
+
+    method: str = "asg"
+    budget: float | str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        config_class(self.method)
+        accepted_options(self.method, self.options)
+        if isinstance(self.budget, str):
+            parse_budget(self.budget)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Compression":
+        data = dict(data)
+        return cls(data.pop("method", "asg"), data.pop("budget", None), data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **({} if self.budget is None else {"budget": self.budget}), **self.options}
+
+    def config_for(self, shape: tuple[int, int], **overrides):
+        """The method's config for a (V, D) table, with `overrides` (e.g. targets) on top of the options."""
+        return config_from_options(self.method, shape, budget=self.budget, **{**self.options, **overrides})

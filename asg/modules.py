@@ -7,8 +7,6 @@ architectures apply after the lookup, and a `spec` from which an empty twin can 
 
 from __future__ import annotations
 
-import time
-import weakref
 from typing import Any, ClassVar
 
 import numpy as np
@@ -17,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels, pq
+from .fastpaths import FastPaths, VersionCache
 from .config import ASGConfig
+from .format import NORM_MODES
 from .methods import register
 from .pq import code_dtype
 
@@ -31,19 +31,21 @@ def index_dtype(n: int) -> torch.dtype:
 
 
 class CompressedEmbedding(nn.Module):
-    """A (V, D) token table computed from compact state. Subclasses set `kind` and define `lookup` and `weight`.
+    """A (V, D) token table computed from compact state. Subclasses set `kind` (their method's name) and
+    define `lookup` and `weight`.
 
     Where the replaced embedding scaled its output (Gemma's √D `embed_scale`), the same scale is
     applied after the lookup; the head, which reads `weight`, is not scaled, as in the original.
     """
 
-    kind: ClassVar[str] = ""
+    kind: ClassVar[str] = ""  # the table kind a checkpoint records: the name of the method that made it
+    aliases: ClassVar[tuple[str, ...]] = ()  # more table kinds the class stands for, and older names it still loads
     kinds: ClassVar[dict[str, type["CompressedEmbedding"]]] = {}
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.kind:
-            CompressedEmbedding.kinds[cls.kind] = cls
+        for kind in (cls.kind, *cls.aliases) if cls.kind else ():
+            CompressedEmbedding.kinds[kind] = cls
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
                  embed_scale: float | torch.Tensor | None = None) -> None:
@@ -101,6 +103,11 @@ class CompressedEmbedding(nn.Module):
         """Scores (..., V) of hidden states (..., D) against every row of the table, plus `bias`: what a head computes."""
         return F.linear(hidden, self.weight, bias)
 
+    def lookup_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Scores (..., V) computed from the compact state without rebuilding the table (eq. 2 for ASG);
+        a table kind without such a path says so."""
+        raise NotImplementedError(f"{type(self).__name__} has no lookup-table logits; use logits(hidden)")
+
     def spec(self) -> dict[str, Any]:
         """What `from_spec` needs to build an empty module of the same shape (JSON-ready)."""
         return {"kind": self.kind, "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
@@ -155,8 +162,13 @@ class ASGEmbedding(CompressedEmbedding):
     Token t is the concatenation of m concept vectors, row `concept_ids()[t, i]` of `codebooks` for
     segment i. `codebooks` is the trainable E': (m·k, D/m) for separate codebooks, (k, D/m) shared.
     `codes` (V, m) is a fixed buffer in the smallest integer type that holds k, never trained.
-    With `norms="row"` (or `"scalar"`), each row is rescaled to a trainable length of its own (or one
-    shared by all rows): the concepts give the direction, the stored norm the length.
+
+    Norm-preserving reconstruction: the *norm mode* (`norm_mode`, the config's and CLI's `norms`
+    setting) says which lengths are stored; the stored lengths themselves are the trainable `norms`,
+    one per row (mode "row") or one for all rows (mode "scalar"). The concepts then give each row's
+    direction and `norms` its length.
+
+    On the CPU in float32 the C kernels do the work (`asg.fastpaths`); everywhere else, plain torch.
     """
 
     kind = "asg"
@@ -175,8 +187,8 @@ class ASGEmbedding(CompressedEmbedding):
         norms: str | None = None,
     ) -> None:
         super().__init__(num_embeddings, embedding_dim, padding_idx, embed_scale)
-        if norms not in (None, "row", "scalar"):
-            raise ValueError(f"unknown norms {norms!r}: use None, 'row' or 'scalar'")
+        if norms not in NORM_MODES:
+            raise ValueError(f"unknown norm mode {norms!r}: use None, 'row' or 'scalar'")
         if embedding_dim % m:
             raise ValueError(f"m={m} does not divide embedding_dim={embedding_dim}")
         self.k = k
@@ -188,14 +200,13 @@ class ASGEmbedding(CompressedEmbedding):
         self.norm_mode = norms
         size = num_embeddings if norms == "row" else 1
         self.norms = nn.Parameter(torch.ones(size, dtype=dtype, device=device)) if norms else None
-        self._scale_cache: tuple | None = None  # (weak refs, versions, row_scale()) for inference
-        self._codes_checked: tuple | None = None  # (weak ref, version) of the code table last found in 0..k-1
-        self._path_times: dict[int, dict[str, float]] = {}  # logits: seconds per row of each path, by size class
+        self._codes_checked = VersionCache()  # the code table last found in 0..k-1
+        self.fast = FastPaths()
 
     @classmethod
     def from_pq(cls, codebooks, codes, *, norms=None, dtype=None, device=None, **kwargs) -> "ASGEmbedding":
         """Build from `pq.fit` output: codebooks (m, k, D/m) or shared (k, D/m), codes (V, m); `norms`, if
-        given, holds one length per row (V,) or one for all (1,)."""
+        given, are the stored lengths: one per row (V,) or one for all (1,)."""
         codebooks = torch.as_tensor(codebooks)
         codes = codes.long() if isinstance(codes, torch.Tensor) else torch.from_numpy(np.asarray(codes, dtype=np.int64))
         shared = codebooks.dim() == 2
@@ -230,10 +241,7 @@ class ASGEmbedding(CompressedEmbedding):
         """`codes`, after making sure (once per change of the buffer) that every code lies in 0..k-1: a code
         outside would read another segment's concepts, or memory outside the codebooks in the C kernels."""
         codes = self.codes
-        state = self._codes_checked
-        if state is None or state[0]() is not codes or state[1] != codes._version:
-            kernels.check_codes(codes, self.k)
-            self._codes_checked = (weakref.ref(codes), codes._version)
+        self._codes_checked.get((codes,), lambda: kernels.check_codes(codes, self.k))
         return codes
 
     def validate(self) -> None:
@@ -246,22 +254,22 @@ class ASGEmbedding(CompressedEmbedding):
 
     def _offsets(self) -> torch.Tensor:
         """i·k for each segment i: where segment i's codebook starts in E' (all 0 for a shared codebook)."""
-        return torch.arange(self.m, device=self.codes.device) * self._step()
+        return torch.arange(self.m, device=self.codes.device) * (0 if self.shared else self.k)
 
     @property
     def weight(self) -> torch.Tensor:
-        return self._rows(None)
+        return self.rows(None)
 
     def lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._rows(input_ids).reshape(*input_ids.shape, self.embedding_dim)
+        return self.rows(input_ids).reshape(*input_ids.shape, self.embedding_dim)
 
-    def _rows(self, ids: torch.Tensor | None) -> torch.Tensor:
-        """Rows (n, D) for `ids` (every token when None): the C gather on CPU float32, else torch indexing."""
+    def rows(self, ids: torch.Tensor | None) -> torch.Tensor:
+        """Reconstructed rows (n, D) of `ids` (every token when None), row lengths applied."""
         codes = self.checked_codes()
         if ids is not None:
             kernels.check_ids(ids, self.num_embeddings)
-        if self.codebooks.device.type == "cpu" and self.codebooks.dtype == torch.float32 and kernels.available():
-            rows = _GatherRows.apply(self.codebooks, codes, self._step(), ids)
+        if FastPaths.applies(self.codebooks):
+            rows = self.fast.rows(self, ids)
         else:
             concept_ids = self.concept_ids() if ids is None else codes[ids.reshape(-1)].long() + self._offsets()
             rows = F.embedding(concept_ids, self.codebooks).flatten(-2)
@@ -276,89 +284,49 @@ class ASGEmbedding(CompressedEmbedding):
             squared = self.codebooks.square().sum(-1)[self.checked_codes()[ids].long() + self._offsets()].sum(-1)
             return (self.norms[ids] if self.norm_mode == "row" else self.norms) / squared.clamp_min(1e-24).sqrt()
         if torch.is_grad_enabled() and (self.codebooks.requires_grad or self.norms.requires_grad):
-            squared = self.codebooks.square().sum(-1)[self.concept_ids()].sum(-1)
-            return self.norms / squared.clamp_min(1e-24).sqrt()
-        # Inference: the whole-vocabulary factor changes only when a tensor does (in-place updates bump
-        # _version), so decoding reuses it instead of recomputing V·m lookups at every step.
-        tensors = (self.codebooks, self.codes, self.norms)
-        versions = tuple(t._version for t in tensors)
-        cache = self._scale_cache
-        if cache is None or cache[1] != versions or any(ref() is not t for ref, t in zip(cache[0], tensors)):
-            with torch.no_grad():
-                scale = self.norms / self._squared_lengths().clamp_min(1e-24).sqrt()
-            self._scale_cache = cache = (tuple(weakref.ref(t) for t in tensors), versions, scale)
-        return cache[2]
+            return self.norms / self._squared_lengths().clamp_min(1e-24).sqrt()
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {**state, "_scale_cache": None, "_codes_checked": None}  # weak references do not pickle; both rebuild
+        def compute() -> torch.Tensor:
+            with torch.no_grad():
+                return self.norms / self._squared_lengths().clamp_min(1e-24).sqrt()
+
+        return self.fast.row_scale(self, compute)
 
     def _squared_lengths(self) -> torch.Tensor:
-        """||row||² of every row (V,): the lookup-table kernel summing each code's concept squared norm."""
-        squared = self.codebooks.square().sum(-1)
-        if self.codebooks.device.type == "cpu" and self.codebooks.dtype == torch.float32 and kernels.available():
-            table = squared.expand(self.m, self.k) if self.shared else squared.view(self.m, self.k)
-            return kernels.lut_logits(table.reshape(1, self.m, self.k), self.checked_codes(), codes_checked=True)[0]
-        return squared[self.concept_ids()].sum(-1)
+        """||row||² of every row (V,)."""
+        if FastPaths.applies(self.codebooks) and not torch.is_grad_enabled():
+            return self.fast.squared_lengths(self)
+        return self.codebooks.square().sum(-1)[self.concept_ids()].sum(-1)
 
     def logits(self, hidden: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """Scores (..., V) plus `bias`. On CPU in float32 without autograd, small batches use per-segment
-        lookup tables over the codes (eq. 2, a C kernel) and larger ones whichever of that and
-        rebuild-then-matmul was faster when this module tried both; elsewhere, the differentiable matmul."""
-        if not self._fast_path(hidden):
+        """Scores (..., V) plus `bias`. On CPU in float32 without autograd, the kernels' eq. 2 or
+        rebuild-then-matmul, whichever `FastPaths` finds faster for the batch size; elsewhere, the
+        differentiable matmul."""
+        grad = torch.is_grad_enabled() and (hidden.requires_grad or self.codebooks.requires_grad)
+        if grad or hidden.device.type != "cpu" or hidden.dtype != torch.float32 or not FastPaths.applies(self.codebooks):
             return F.linear(hidden, self.weight, bias)
-        flat = hidden.reshape(-1, self.embedding_dim)
-        path, bucket = self._pick_path(flat.shape[0])
-        start = time.perf_counter()
-        if path == "lookup":
-            out = kernels.lut_logits(self._segment_scores(flat), self.checked_codes(), codes_checked=True)
-            if self.norms is not None:
-                out *= self.row_scale()
-        else:
-            out = F.linear(flat, self.weight)
-        if bucket is not None:
-            bucket[path] = (time.perf_counter() - start) / flat.shape[0]
+        out = self.fast.logits(self, hidden.reshape(-1, self.embedding_dim))
         if bias is not None:
             out += bias
         return out.reshape(*hidden.shape[:-1], self.num_embeddings)
 
-    def _pick_path(self, rows: int) -> tuple[str, dict | None]:
-        """Lookups cost about what a matmul costs per row, but the matmul path first rebuilds the table, so
-        small batches always use lookups. For larger ones, the first call of each size class (a power of
-        two) tries lookups, the second the matmul, and later calls take the faster: exploring costs nothing,
-        as both give the same logits. Returns the path and, while exploring, where to record its time."""
-        if rows <= 2 * kernels.COLS_CHUNK:
-            return "lookup", None
-        times = self._path_times.setdefault(rows.bit_length(), {})
-        for path in ("lookup", "rebuild"):
-            if path not in times:
-                return path, times
-        return min(times, key=times.get), None
-
     def lookup_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Eq. 2 in torch: score each segment of hidden against its codebook, then sum the m scores each token picks."""
         flat = hidden.reshape(-1, self.embedding_dim)
-        tables = self._segment_scores(flat).reshape(flat.shape[0], -1)
+        tables = self.segment_scores(flat).reshape(flat.shape[0], -1)
         rows = self.checked_codes().long() + torch.arange(self.m, device=hidden.device) * self.k  # (V, m) into the m·k scores
         logits = tables[:, rows].sum(-1)
         if self.norms is not None:
             logits = logits * self.row_scale()
         return logits.reshape(*hidden.shape[:-1], self.num_embeddings)
 
-    def _segment_scores(self, flat: torch.Tensor) -> torch.Tensor:
-        """(N, m, k): the dot product of each segment of each row with every concept vector it may use."""
+    def segment_scores(self, flat: torch.Tensor) -> torch.Tensor:
+        """(N, m, k): the dot product of each segment of each row of `flat` (N, D) with every concept
+        vector it may use (the per-segment lookup tables of eq. 2)."""
         segments = flat.reshape(-1, self.m, self.segment_dim)
         if self.shared:
             return torch.einsum("nsd,kd->nsk", segments, self.codebooks)
         return torch.einsum("nsd,skd->nsk", segments, self.codebooks.view(self.m, self.k, self.segment_dim))
-
-    def _step(self) -> int:
-        return 0 if self.shared else self.k
-
-    def _fast_path(self, hidden: torch.Tensor) -> bool:
-        grad = torch.is_grad_enabled() and (hidden.requires_grad or self.codebooks.requires_grad)
-        return (not grad and hidden.device.type == "cpu" and hidden.dtype == torch.float32
-                and self.codebooks.dtype == torch.float32 and kernels.available())
 
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "k": self.k, "m": self.m, "shared": self.shared, "norms": self.norm_mode,
@@ -444,28 +412,6 @@ class ASGHead(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-
-class _GatherRows(torch.autograd.Function):
-    """Rows of an ASG table from the C gather kernel; the backward adds each row's gradient into the
-    concept vectors it was built from (what F.embedding's backward does)."""
-
-    @staticmethod
-    def forward(ctx, codebooks, codes, step, ids):
-        ctx.save_for_backward(codes, ids if ids is not None else torch.empty(0, dtype=torch.long))
-        ctx.step, ctx.all_rows, ctx.rows = step, ids is None, codebooks.shape[0]
-        return kernels.gather(codebooks, codes, step, ids, codes_checked=True)
-
-    @staticmethod
-    def backward(ctx, grad):
-        codes, ids = ctx.saved_tensors
-        selected = codes if ctx.all_rows else codes[ids.reshape(-1)]
-        m = codes.shape[1]
-        concept_ids = selected.long() + torch.arange(m) * ctx.step
-        flat = grad.reshape(-1, grad.shape[-1] // m)
-        grad_codebooks = torch.zeros(ctx.rows, flat.shape[1], dtype=grad.dtype).index_add_(0, concept_ids.reshape(-1), flat)
-        return grad_codebooks, None, None, None
-
-
 @register(ASGConfig, "asg")
 def fit_asg(config: ASGConfig, weight: torch.Tensor, name: str, progress: bool, weights=None,
              **kwargs) -> tuple[ASGEmbedding, float]:
@@ -484,5 +430,5 @@ def fit_asg(config: ASGConfig, weight: torch.Tensor, name: str, progress: bool, 
                                   **kwargs)
     ids = torch.arange(weight.shape[0], device=weight.device)
     with torch.no_grad():  # block by block, so that no second full table is built
-        error = pq.relative_error(weight, lambda rows: module._rows(ids[rows]))
+        error = pq.relative_error(weight, lambda rows: module.rows(ids[rows]))
     return module, error

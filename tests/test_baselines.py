@@ -80,7 +80,16 @@ def test_save_load_is_bit_exact(method, arch, tmp_path):
     assert torch.equal(outputs(loaded, inputs), outputs(model, inputs))
     want, got = model.state_dict(), loaded.state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
-    assert asg.read_plan(tmp_path / "ckpt")["method"] == method
+    plan = asg.read_plan(tmp_path / "ckpt")
+    assert plan["method"] == method
+    assert {entry["kind"] for entry in plan["tables"].values()} == {method}  # one name: the table kind is the method
+
+
+def test_older_folders_that_call_int8_and_int4_tables_scalar_still_load():
+    for bits in (8, 4):
+        module = asg.modules.CompressedEmbedding.from_spec({"kind": "scalar", "num_embeddings": 10, "embedding_dim": 6,
+                                                            "bits": bits})
+        assert isinstance(module, QuantizedEmbedding) and module.bits == bits and module.spec()["kind"] == f"int{bits}"
 
 
 def test_sg_groups_directions_and_starts_from_the_group_mean():

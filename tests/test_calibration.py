@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import asg
 from asg import pq
-from asg.calibration import _loss, calibrate, default_corpus
+from asg.calibration import calibrate, distillation_loss, default_corpus
 from asg.cli import app
 from asg.fidelity import fidelity, read_texts
 from tiny_models import build, write_bert_folder
@@ -41,7 +41,7 @@ class WordTokenizer:
 def heldout_loss(model, reference, held, generative, batch_size=16):
     """The held-out loss as calibrate measures it: the mean of the batch losses."""
     with torch.no_grad():
-        losses = [_loss(model, reference, WordTokenizer()(held[i:i + batch_size], "pt", True, True, 128), generative).item()
+        losses = [distillation_loss(model, reference, WordTokenizer()(held[i:i + batch_size], "pt", True, True, 128), generative).item()
                   for i in range(0, len(held), batch_size)]
     return sum(losses) / len(losses)
 

@@ -173,7 +173,7 @@ def test_a_checkpoint_written_by_version_0_1_still_loads():
 TWO_RANKS = """
 import json, sys, torch, transformers
 import torch.distributed as dist
-from asg.tasks import FinetuneSettings, finetune
+from asg.tasks import FinetuneRuntime, FinetuneSettings, finetune
 
 class Dump(transformers.TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -182,8 +182,8 @@ class Dump(transformers.TrainerCallback):
                     "world": dist.get_world_size()}, sys.argv[2] + f"/rank{dist.get_rank()}.pt")
 
 finetune(FinetuneSettings(task="nli", model=sys.argv[1], output=sys.argv[2] + "/run", train_files=[sys.argv[3]],
-                          eval_files=[sys.argv[3]], max_steps=6, batch_size=8, max_length=32, learning_rate=1e-2,
-                          progress=False, callbacks=[Dump()]))
+                          eval_files=[sys.argv[3]], max_steps=6, batch_size=8, max_length=32, learning_rate=1e-2),
+         FinetuneRuntime(progress=False, callbacks=[Dump()]))
 """
 
 

@@ -1,5 +1,7 @@
 """The C kernels against plain torch, for every code type, and the fallback when they cannot be built."""
 
+import copy
+import pickle
 import warnings
 
 import numpy as np
@@ -29,7 +31,7 @@ def test_lookup_logits_equal_the_dense_product(k, dtype, rows):
     module = random_module(k=k)
     assert module.codes.dtype == dtype
     hidden = torch.randn(rows, 32, generator=torch.Generator().manual_seed(1))
-    tables = module._segment_scores(hidden)
+    tables = module.segment_scores(hidden)
     got = kernels.lut_logits(tables, module.codes)
     want = hidden @ module.weight.detach().T
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -76,7 +78,7 @@ def test_large_batches_try_both_paths_then_keep_the_faster():
     want = hidden @ module.weight.detach().T
     with torch.no_grad():
         outs = [module.logits(hidden) for _ in range(3)]
-    times = module._path_times[(200).bit_length()]
+    times = module.fast.path_times[(200).bit_length()]
     assert set(times) == {"lookup", "rebuild"} and all(t > 0 for t in times.values())
     for out in outs:  # lookup, rebuild, then the faster: all the same logits
         torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
@@ -96,15 +98,15 @@ def test_gather_backward_equals_embedding_backward():
     assert module.codebooks.grad.abs().sum() > 0
 
 
-def test_torch_kmeans_cpu_path_matches_the_batched_path():
-    x = torch.randn(3, 700, 4, generator=torch.Generator().manual_seed(3))
+def test_assignment_with_the_argmin_kernel_finds_the_nearest_concepts():
+    x = torch.randn(700, 3, 4, generator=torch.Generator().manual_seed(3))  # 700 rows, m=3 segments of 4
     centroids = torch.randn(3, 50, 4, generator=torch.Generator().manual_seed(4))
-    fast = pq._assign(x, centroids)
-    want = torch.cdist(x, centroids).argmin(-1)
+    fast = torch.from_numpy(pq.encode(centroids, x.reshape(700, 12)).astype(np.int64))
+    want = torch.cdist(x.transpose(0, 1), centroids).argmin(-1).T
     assert (fast == want).float().mean() > 0.999  # equal up to float ties
 
 
-def test_without_kernels_everything_still_computes_the_same(monkeypatch):
+def test_without_kernels_everything_still_computes_the_same():
     module = random_module(vocab=800, k=64)
     head = asg.ASGHead(module)
     hidden = torch.randn(3, 32)
@@ -113,12 +115,12 @@ def test_without_kernels_everything_still_computes_the_same(monkeypatch):
     with torch.no_grad():
         fast = (head(hidden), module(ids), module.weight)
     fit = pq.fit(x, k=8, m=4, backend="torch")  # its assignment step uses the argmin kernel
-    monkeypatch.setitem(kernels._state, "lib", None)
-    assert not kernels.available()
-    with torch.no_grad():
+    with kernels.disabled(), torch.no_grad():
+        assert not kernels.available()
         torch.testing.assert_close(head(hidden), fast[0], rtol=1e-5, atol=1e-5)
         assert torch.equal(module(ids), fast[1]) and torch.equal(module.weight, fast[2])  # gathers are copies
-    again = pq.fit(x, k=8, m=4, backend="torch")
+        again = pq.fit(x, k=8, m=4, backend="torch")
+    assert kernels.available()
     assert np.array_equal(again.codes, fit.codes) and np.array_equal(again.codebooks, fit.codebooks)
 
 
@@ -131,3 +133,19 @@ def test_a_failing_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
         assert kernels.library() is None
         assert kernels.library() is None
     assert len([w for w in caught if "could not build its C kernels" in str(w.message)]) == 1
+
+
+def test_copies_and_pickles_start_with_fresh_caches_and_give_the_same_logits():
+    module = random_module(vocab=5000, k=64)
+    module.norm_mode, module.norms = "row", torch.nn.Parameter(torch.rand(5000) + 0.5)
+    hidden = torch.randn(300, 32)
+    with torch.no_grad():
+        want = [module.logits(hidden) for _ in range(3)]  # explores both paths and caches the row scale
+    assert module.fast.path_times
+    for twin in (copy.deepcopy(module), pickle.loads(pickle.dumps(module))):
+        assert twin.fast.path_times == {}
+        with torch.no_grad():
+            twin.norms.mul_(2)  # the copy's own lengths: its row scale must not come from the original's cache
+            torch.testing.assert_close(twin.logits(hidden), 2 * want[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(module.logits(hidden).detach(), want[0], rtol=1e-4, atol=1e-4)
+

@@ -6,7 +6,7 @@ import torch
 
 import asg
 from asg import pq
-from tiny_models import build, sample_inputs
+from tiny_models import HIDDEN, build, sample_inputs
 
 
 def module(k=8, m=4, vocab=50, dim=16, codebook="separate", seed=0):
@@ -146,3 +146,10 @@ def test_cached_row_lengths_follow_every_change_of_the_tables():
     with torch.no_grad():
         assert torch.equal(torch.load(buffer, weights_only=False).logits(hidden), table.logits(hidden))
 
+
+
+def test_a_head_on_a_table_without_lookup_logits_says_so():
+    model = build("gpt2")
+    asg.compress(model, asg.baselines.LowRankConfig(rank=4), progress=False)
+    with pytest.raises(NotImplementedError, match="no lookup-table logits; use logits"):
+        model.get_output_embeddings().lookup_logits(torch.randn(2, HIDDEN))

@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 import asg
 from asg.cli import app
-from asg.experiment import _add_percent_of_base, markdown_table, run_experiment
-from asg.tasks import DataError, FinetuneSettings, evaluate, finetune, read_ner, read_nli, read_qa
-from asg.tasks.kinds import entities
+from asg.experiment import add_percent_of_base, markdown_table, run_experiment
+from asg.tasks import DataError, FinetuneRuntime, FinetuneSettings, evaluate, finetune, read_ner, read_nli, read_qa
+from asg.tasks.families import entities
 from asg.tasks.metrics import accuracy, entity_f1, percent_of_base, span_f1, squad_scores
 from tiny_models import write_bert_folder, write_t5_folder
 
@@ -20,7 +20,8 @@ KEYS = {"yes": "entailment", "no": "contradiction", "maybe": "neutral"}
 FILL = ["the", "cat", "dog", "sat", "ran", "here", "there", "house", "went", "to", "saw", "today"]
 PEOPLE, PLACES = ["alice", "bob", "carol"], ["paris", "rome", "oslo"]
 WORDS = list(KEYS) + FILL + PEOPLE + PLACES + ["who", "where", "per", "loc", ":", ";", "none", "entailment",
-                                               "contradiction", "neutral", "premise", "hypothesis"]
+                                               "contradiction", "neutral", "premise", "hypothesis", "PER:", "LOC:"]
+QUIET = FinetuneRuntime(progress=False)
 
 
 def write_jsonl(path, rows):
@@ -134,25 +135,33 @@ def test_finetuning_learns_and_reports_one_row_per_language(bert_dir, nli_files,
     run = tmp_path / "run"
     summary = finetune(FinetuneSettings(task="nli", output=str(run), model=bert_dir, train_files=[train],
                                         eval_files=[test], learning_rate=2e-3, epochs=15, batch_size=16,
-                                        max_length=32, progress=False))
+                                        max_length=32), QUIET)
     assert set(summary["results"]) == {"en", "de", "fr"}  # one row per language, from the records' "lang"
     assert all(row["accuracy"] > 90 for row in summary["results"].values())  # chance is 33%
     assert summary["average"]["accuracy"] == pytest.approx(
         sum(row["accuracy"] for row in summary["results"].values()) / 3)
     saved = json.loads((run / "metrics.json").read_text())
-    assert saved["hyperparameters"]["learning_rate"] == 2e-3 and saved["hyperparameters"]["weight_decay"] == 0.01
-    assert saved["hyperparameters"]["cross_lingual"] is True
+    assert saved["settings"]["learning_rate"] == 2e-3 and saved["settings"]["weight_decay"] == 0.01
+    assert saved["cross_lingual"] is True
+    recorded = json.loads((run / "settings.json").read_text())["settings"]
+    assert recorded == {**FinetuneSettings(task="nli", output=str(run), model=bert_dir, train_files=[train],
+                                           eval_files=[test], learning_rate=2e-3, epochs=15, batch_size=16,
+                                           max_length=32).to_dict(), "eval_langs": ["de", "en", "fr"]}
     predictions = [json.loads(line) for line in (run / "predictions" / "de.jsonl").read_text().splitlines()]
     assert len(predictions) == 40 and {"prediction", "label"} <= set(predictions[0])
     again = evaluate(run, progress=False)
     assert again["results"]["en"]["accuracy"] == summary["results"]["en"]["accuracy"]
+    older = json.loads((run / "settings.json").read_text())  # as runs before settings.json held "settings"
+    older["hyperparameters"] = {**older.pop("settings"), "seq2seq": False, "cross_lingual": True}
+    (run / "settings.json").write_text(json.dumps(older))
+    assert evaluate(run, progress=False)["results"] == again["results"]
 
 
 def test_paper_hyperparameters_are_the_defaults(bert_dir, nli_files, tmp_path):
     train, test = nli_files
     summary = finetune(FinetuneSettings(task="nli", output=str(tmp_path / "run"), model=bert_dir, train_files=[train],
-                                        eval_files=[f"en={test}"], max_steps=1, progress=False))
-    hp = summary["hyperparameters"]
+                                        eval_files=[f"en={test}"], max_steps=1), QUIET)
+    hp = summary["settings"]
     assert (hp["learning_rate"], hp["batch_size"], hp["weight_decay"], hp["epochs"]) == (5e-6, 128, 0.01, 2)
     assert set(summary["results"]) == {"en"}
 
@@ -166,7 +175,7 @@ def test_a_compressed_encoder_finetunes_and_its_codes_never_change(bert_dir, nli
     run = tmp_path / "run"
     summary = finetune(FinetuneSettings(task="nli", output=str(run), model=str(compressed), train_files=[train],
                                         eval_files=[test], learning_rate=2e-3, epochs=15, batch_size=16,
-                                        max_length=32, progress=False))
+                                        max_length=32), QUIET)
     assert summary["average"]["accuracy"] > 80
     assert summary["compression"]["embedding_ratio"] == pytest.approx(16 * 32 / (211 * 32))
     tuned = asg.from_pretrained(run / "model")
@@ -179,8 +188,8 @@ def test_ner_and_qa_and_text_to_text_runs(bert_dir, tmp_path):
     (tmp_path / "test.conll").write_text(conll(40, 1))
     ner = finetune(FinetuneSettings(task="ner", output=str(tmp_path / "ner"), model=bert_dir,
                                     train_files=[str(tmp_path / "train.conll")], eval_files=[str(tmp_path / "test.conll")],
-                                    learning_rate=3e-3, epochs=4, batch_size=16, max_length=32, progress=False,
-                                    compression={"method": "asg", "k": 16, "m": 8}))
+                                    learning_rate=3e-3, epochs=4, batch_size=16, max_length=32,
+                                    compression={"method": "asg", "k": 16, "m": 8}), QUIET)
     assert ner["results"]["test"]["f1"] > 90  # entities are the word itself: learnable
     rng = random.Random(0)
     rows = []
@@ -193,17 +202,20 @@ def test_ner_and_qa_and_text_to_text_runs(bert_dir, tmp_path):
     write_jsonl(tmp_path / "qa.jsonl", rows)
     qa = finetune(FinetuneSettings(task="qa", output=str(tmp_path / "qa"), model=bert_dir,
                                    train_files=[str(tmp_path / "qa.jsonl")], eval_files=[str(tmp_path / "qa.jsonl")],
-                                   learning_rate=3e-3, epochs=3, batch_size=16, max_length=32, progress=False))
+                                   learning_rate=3e-3, epochs=3, batch_size=16, max_length=32), QUIET)
     assert set(qa["results"]["qa"]) == {"exact_match", "f1", "examples"}
     assert qa["results"]["qa"]["f1"] > 34  # above always answering the first word of the context
-    t5 = str(write_t5_folder(tmp_path / "t5", WORDS))
-    text = finetune(FinetuneSettings(task="ner", output=str(tmp_path / "t5-run"), model=t5,
+    mt5 = str(write_t5_folder(tmp_path / "mt5", WORDS, mt5=True))  # untied head: both tables compressed
+    text = finetune(FinetuneSettings(task="ner", output=str(tmp_path / "mt5-run"), model=mt5,
                                      train_files=[str(tmp_path / "train.conll")], eval_files=[str(tmp_path / "test.conll")],
-                                     learning_rate=3e-3, epochs=1, batch_size=16, max_length=32, progress=False,
-                                     compression={"method": "asg", "k": 16, "m": 8}))
-    assert text["hyperparameters"]["seq2seq"] is True
-    assert set(text["compression"]["tables"]) == {"input", "output"}  # both sides, as in section 2.4
-    assert 0 <= text["results"]["test"]["f1"] <= 100
+                                     learning_rate=3e-3, epochs=12, batch_size=16, max_length=32,
+                                     compression=asg.ASGConfig(k=16, m=8)), QUIET)
+    assert text["seq2seq"] is True
+    tables = text["compression"]["tables"]
+    assert set(tables) == {"input", "output"} and tables["output"]["tied"] is False  # both sides, as in section 2.4
+    assert text["results"]["test"]["f1"] > 80  # generates "PER: alice ; LOC: rome": the entities are learnable
+    predictions = [json.loads(line) for line in (tmp_path / "mt5-run" / "predictions" / "test.jsonl").read_text().splitlines()]
+    assert any(row["prediction"] for row in predictions)
 
 
 class Interrupt(TrainerCallback):
@@ -215,16 +227,16 @@ class Interrupt(TrainerCallback):
 def test_an_interrupted_run_resumes_from_its_last_checkpoint(bert_dir, nli_files, tmp_path):
     train, test = nli_files
     settings = dict(task="nli", output=str(tmp_path / "run"), model=bert_dir, train_files=[train], eval_files=[test],
-                    max_steps=10, save_steps=5, batch_size=16, max_length=32, progress=False)
+                    max_steps=10, save_steps=5, batch_size=16, max_length=32)
     with pytest.raises(KeyboardInterrupt):
-        finetune(FinetuneSettings(**settings, callbacks=[Interrupt()]))
+        finetune(FinetuneSettings(**settings), FinetuneRuntime(progress=False, callbacks=[Interrupt()]))
     assert (tmp_path / "run" / "checkpoints" / "checkpoint-5").is_dir()
     assert not (tmp_path / "run" / "metrics.json").exists()
-    summary = finetune(FinetuneSettings(**settings))
+    summary = finetune(FinetuneSettings(**settings), QUIET)
     assert summary["train"]["resumed_from"].endswith("checkpoint-5")
     assert summary["train"]["steps"] == 10
     with pytest.raises(ValueError, match="holds a finished run"):
-        finetune(FinetuneSettings(**settings))
+        finetune(FinetuneSettings(**settings), QUIET)
 
 
 def test_bad_task_settings(bert_dir, tmp_path):
@@ -244,7 +256,7 @@ def test_percent_of_base_rows_and_table():
              "by_language": {"en": 90.0, "de": 70.0}},
             {"name": "ASG", "embedding_percent": 0.5, "model_percent": 48.0, "metric": "f1", "score": 76.0,
              "by_language": {"en": 88.0, "de": 64.0}}]
-    _add_percent_of_base(rows)
+    add_percent_of_base(rows)
     assert [row["percent_of_base"] for row in rows] == [100.0, 95.0]
     table = markdown_table(rows)
     assert "| ASG | 0.50 | 48.00 | 76.00 | 95.00 |" in table

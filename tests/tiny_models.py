@@ -149,8 +149,9 @@ def write_bert_folder(folder, words, seed: int = 0, model_class=None):
     return folder
 
 
-def write_t5_folder(folder, words, seed: int = 0):
-    """A tiny random T5 (tied) with a word-level tokenizer over `words`, for text-to-text tasks."""
+def write_t5_folder(folder, words, seed: int = 0, mt5: bool = False):
+    """A tiny random T5 (tied), or with `mt5` an mT5 shaped like the real ones (untied head), with a
+    word-level tokenizer over `words`, for text-to-text tasks."""
     import transformers as tf
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -163,5 +164,5 @@ def write_t5_folder(folder, words, seed: int = 0):
     tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     tokenizer.save_pretrained(folder)
     torch.manual_seed(seed)
-    tf.T5ForConditionalGeneration(_t5_config(tf.T5Config, tied=True)).save_pretrained(folder)
+    (make_mt5() if mt5 else tf.T5ForConditionalGeneration(_t5_config(tf.T5Config, tied=True))).save_pretrained(folder)
     return folder

@@ -57,7 +57,9 @@ class ScalarConfig(MethodConfig):
 class QuantizedEmbedding(CompressedEmbedding):
     """A token table of int8 values (or int4 pairs packed into bytes) times a per-row `scale`."""
 
-    kind = "scalar"
+    kind = "int8"
+    aliases = ("int4", "scalar")  # "scalar": what older folders record for both
+
 
     def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, padding_idx=None, embed_scale=None,
                  dtype=None, device=None) -> None:
@@ -105,7 +107,7 @@ class QuantizedEmbedding(CompressedEmbedding):
         return self.num_embeddings * self.embedding_dim + self.scale.numel()
 
     def spec(self) -> dict[str, Any]:
-        return {**super().spec(), "bits": self.bits}
+        return {**super().spec(), "kind": f"int{self.bits}", "bits": self.bits}
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}"

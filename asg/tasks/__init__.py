@@ -2,7 +2,7 @@
 
 from .data import DataError, read_nli, read_ner, read_qa
 from .registry import TASKS, get_task
-from .runner import FinetuneSettings, evaluate, finetune, load_model
+from .runner import FinetuneRuntime, FinetuneSettings, evaluate, finetune, load_model
 
-__all__ = ["DataError", "FinetuneSettings", "TASKS", "evaluate", "finetune", "get_task", "load_model", "read_nli",
+__all__ = ["DataError", "FinetuneRuntime", "FinetuneSettings", "TASKS", "evaluate", "finetune", "get_task", "load_model", "read_nli",
            "read_ner", "read_qa"]

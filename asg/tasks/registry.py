@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import hub
-from .kinds import NER, NLI, QA
+from .families import NER, NLI, QA
 
 SEQ2SEQ_LEARNING_RATE = 1e-3  # mT5 in the paper
 BATCH_SIZE = 128
@@ -17,10 +17,10 @@ CROSS_LINGUAL_EPOCHS = 5
 
 @dataclass(frozen=True)
 class Task:
-    """A task: its kind, its hub loader and languages (none for local-files-only tasks), its learning rate."""
+    """A task: its family, its hub loader and languages (none for local-files-only tasks), its learning rate."""
 
     name: str
-    kind: type
+    family: type
     learning_rate: float
     loader: Callable | None = None
     languages: tuple[str, ...] = ()
@@ -32,7 +32,7 @@ TASKS = {
     "wikiann": Task("wikiann", NER, 5e-5, hub.wikiann, hub.PANX_LANGS),
     "tydiqa": Task("tydiqa", QA, 3e-5, hub.tydiqa, tuple(hub.TYDIQA_LANGS), eval_split="validation"),
     "bc5cdr": Task("bc5cdr", NER, 5e-5, hub.bc5cdr, ("en",)),
-    # the same kinds on the user's own files
+    # the same families on the user's own files
     "nli": Task("nli", NLI, 5e-6),
     "ner": Task("ner", NER, 5e-5),
     "qa": Task("qa", QA, 3e-5),

@@ -16,10 +16,11 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ..methods import Compression
 from . import registry
 from .data import DEFAULT_LANG
 
@@ -31,7 +32,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class FinetuneSettings:
-    """One fine-tuning run. Unset hyper-parameters take the paper's values for the task and model kind."""
+    """What one fine-tuning run is, as `settings.json` records it. Unset hyper-parameters take the paper's
+    values for the task and model kind; how this process runs it is `FinetuneRuntime`'s."""
 
     task: str
     output: str
@@ -50,34 +52,64 @@ class FinetuneSettings:
     seed: int = 0
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
-    compression: dict[str, Any] | None = None  # {"method": "asg", "k": ..., "m": ...}: compress before training
+    # compress before training: an `asg.methods.Compression` (or its dict form, {"method": "asg", "k": 256,
+    # "m": 96}), or a method config such as `asg.ASGConfig(k=256, m=96)`
+    compression: Any = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.compression, dict):
+            self.compression = Compression.from_dict(self.compression)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-ready data (the compression as the dict it is made from)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        compression = self.compression
+        if compression is not None:
+            data["compression"] = (compression.to_dict() if isinstance(compression, Compression)
+                                   else {"method": compression.method, **compression.to_dict()})
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FinetuneSettings":
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+@dataclass
+class FinetuneRuntime:
+    """How this process runs a fine-tuning (never saved): replace a finished run in the output folder, show
+    progress bars, and transformers `TrainerCallback`s to pass to the Trainer."""
+
     overwrite: bool = False
     progress: bool = True
-    callbacks: list = field(default_factory=list)  # transformers TrainerCallbacks, passed to the Trainer
+    callbacks: list = field(default_factory=list)
 
 
-def finetune(settings: FinetuneSettings) -> dict[str, Any]:
+def finetune(settings: FinetuneSettings, runtime: FinetuneRuntime | None = None) -> dict[str, Any]:
     """Fine-tune, save the model, evaluate on every evaluation language; returns what metrics.json holds."""
     from transformers.trainer_utils import get_last_checkpoint
 
+    runtime = runtime or FinetuneRuntime()
     task = registry.get_task(settings.task)
     run = Path(settings.output)
-    _check_run_folder(run, settings.overwrite)
+    _check_run_folder(run, runtime.overwrite)
     train = _limit(_load_train(task, settings), settings.max_train_examples)
     evals = {lang: _limit(rows, settings.max_eval_examples) for lang, rows in _load_evals(task, settings).items()}
     train, evals = _answerable(train, evals)
-    labels = _labels(task.kind, train, evals)
-    model, tokenizer, source = load_model(settings.model, task.kind, labels)
+    labels = _labels(task.family, train, evals)
+    model, tokenizer, source = load_model(settings.model, task.family, labels)
     _clear_finished_run(run)  # only now that every input has been read and checked
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     report = _compress(model, settings.compression) if settings.compression else _recorded_report(model)
-    hparams = _hyperparameters(task, settings, seq2seq, evals)
-    trainer = _trainer(model, tokenizer, task.kind, seq2seq, hparams, run / "checkpoints",
-                       _encode(task.kind, tokenizer, train, labels, settings.max_length, seq2seq, True), settings)
+    resolved = _resolve(task, settings, seq2seq, evals)
+    trainer = _trainer(model, tokenizer, task.family, seq2seq, resolved, run / "checkpoints",
+                       _encode(task.family, tokenizer, train, labels, settings.max_length, seq2seq, True), runtime)
     checkpoint = get_last_checkpoint(str(run / "checkpoints")) if (run / "checkpoints").is_dir() else None
+    recorded = {"settings": resolved.to_dict(), "seq2seq": seq2seq,
+                "cross_lingual": any(lang != settings.train_lang for lang in evals)}
     if trainer.is_world_process_zero():
         _write_json(run / "settings.json", {"written_by": RUN_MARK, "task": task.name, "model": source,
-                                            "labels": labels, "hyperparameters": hparams, "compression": report})
+                                            "labels": labels, **recorded, "compression": report})
     start = time.time()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     train_info = {"examples": len(train), "lang": settings.train_lang, "seconds": round(time.time() - start, 1),
@@ -85,7 +117,7 @@ def finetune(settings: FinetuneSettings) -> dict[str, Any]:
     if trainer.is_world_process_zero():
         _save_model(model, tokenizer, run / "model")
     summary = _evaluate(trainer, task, tokenizer, labels, evals, seq2seq, settings.max_length, run)
-    summary.update(task=task.name, model=source, compression=report, hyperparameters=hparams, train=train_info)
+    summary.update(task=task.name, model=source, compression=report, **recorded, train=train_info)
     if trainer.is_world_process_zero():
         _write_json(run / "metrics.json", summary)
     return summary
@@ -100,23 +132,29 @@ def evaluate(run_dir: str | os.PathLike, eval_files: list[str] | None = None, ev
                          "create one with `asg finetune`")
     saved = json.loads((run / "settings.json").read_text())
     task = registry.get_task(saved["task"])
-    hp = saved["hyperparameters"]
-    settings = FinetuneSettings(task=task.name, output=str(run), eval_files=list(eval_files or hp["eval_files"]),
-                                train_lang=hp["train_lang"], eval_langs=eval_langs or hp["eval_langs"],
-                                max_length=hp["max_length"], batch_size=hp["batch_size"], progress=progress)
+    recorded = saved.get("settings") or _older_settings(saved)
+    settings = FinetuneSettings.from_dict({**recorded, "task": task.name, "output": str(run), "compression": None})
+    settings.eval_files = list(eval_files or settings.eval_files)
+    settings.eval_langs = eval_langs or settings.eval_langs
     evals = {lang: _limit(rows, max_eval_examples) for lang, rows in _load_evals(task, settings).items()}
-    model, tokenizer, _ = load_model(str(run / "model"), task.kind, saved["labels"])
+    model, tokenizer, _ = load_model(str(run / "model"), task.family, saved["labels"])
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
-    trainer = _trainer(model, tokenizer, task.kind, seq2seq, hp, run / "checkpoints", None, settings)
-    summary = _evaluate(trainer, task, tokenizer, saved["labels"], evals, seq2seq, hp["max_length"], run)
+    trainer = _trainer(model, tokenizer, task.family, seq2seq, settings, run / "checkpoints", None,
+                       FinetuneRuntime(progress=progress))
+    summary = _evaluate(trainer, task, tokenizer, saved["labels"], evals, seq2seq, settings.max_length, run)
     previous = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else {}
     summary = {**previous, **summary, "task": task.name}
     _write_json(run / "metrics.json", summary)
     return summary
 
 
-def load_model(source: str | None, kind, labels: list[str]):
-    """The model for a task kind (a task head on an encoder; the model itself for an encoder–decoder),
+def _older_settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a run written before settings.json held them: its "hyperparameters" entry."""
+    return saved["hyperparameters"]
+
+
+def load_model(source: str | None, family, labels: list[str]):
+    """The model for a task family (a task head on an encoder; the model itself for an encoder–decoder),
     from a dense model folder or hub name, or an ASG folder; with its tokenizer and a description of the source."""
     import transformers
 
@@ -131,7 +169,7 @@ def load_model(source: str | None, kind, labels: list[str]):
     seq2seq = bool(getattr(config, "is_encoder_decoder", False))
     options = {} if seq2seq or not labels else {
         "num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {l: i for i, l in enumerate(labels)}}
-    model_class = transformers.AutoModelForSeq2SeqLM if seq2seq else kind.encoder_class()
+    model_class = transformers.AutoModelForSeq2SeqLM if seq2seq else family.encoder_class()
     try:
         if is_asg:
             model = from_pretrained(source, model_class=model_class, **options)
@@ -153,7 +191,7 @@ def load_model(source: str | None, kind, labels: list[str]):
 
 def _load_train(task, settings: FinetuneSettings) -> list[dict]:
     if settings.train_files:
-        return [ex for path in settings.train_files for ex in task.kind.read(path, settings.train_lang)]
+        return [ex for path in settings.train_files for ex in task.family.read(path, settings.train_lang)]
     if task.loader is None:
         raise ValueError(f"task {task.name!r} reads local files only: give --train-file")
     langs = list(task.languages) if settings.train_lang == "all" else [settings.train_lang]
@@ -166,7 +204,7 @@ def _load_evals(task, settings: FinetuneSettings) -> dict[str, list[dict]]:
         groups: dict[str, list[dict]] = {}
         for spec in settings.eval_files:
             lang, path = _split_eval_spec(spec)
-            for ex in task.kind.read(path, lang):
+            for ex in task.family.read(path, lang):
                 if lang:  # LANG=PATH: the whole file is that language, whatever its records say
                     ex["lang"] = lang
                 name = ex["lang"] if ex["lang"] != DEFAULT_LANG else Path(path).stem
@@ -195,12 +233,12 @@ def _limit(rows: list, count: int | None) -> list:
     return rows if count is None else rows[:count]
 
 
-def _encode(kind, tokenizer, examples, labels, max_length, seq2seq: bool, train: bool):
+def _encode(family, tokenizer, examples, labels, max_length, seq2seq: bool, train: bool):
     if not seq2seq:
-        return kind.encode(tokenizer, examples, labels, max_length, train)
-    from .kinds import Features
+        return family.encode(tokenizer, examples, labels, max_length, train)
+    from .families import Features
 
-    sources, targets = zip(*(kind.text_pair(ex) for ex in examples))
+    sources, targets = zip(*(family.text_pair(ex) for ex in examples))
     enc = tokenizer(list(sources), text_target=list(targets), truncation=True, max_length=max_length)
     return Features([{key: enc[key][i] for key in enc.keys()} for i in range(len(examples))])
 
@@ -208,57 +246,56 @@ def _encode(kind, tokenizer, examples, labels, max_length, seq2seq: bool, train:
 # --- training ------------------------------------------------------------------------------------
 
 
-def _hyperparameters(task, settings: FinetuneSettings, seq2seq: bool, evals: dict) -> dict[str, Any]:
+def _resolve(task, settings: FinetuneSettings, seq2seq: bool, evals: dict) -> FinetuneSettings:
+    """The settings with every default filled in: the paper's learning rate and epochs for the task and
+    model kind, and the evaluation languages found."""
     cross_lingual = any(lang != settings.train_lang for lang in evals)
     lr = settings.learning_rate or (registry.SEQ2SEQ_LEARNING_RATE if seq2seq else task.learning_rate)
     epochs = settings.epochs or (registry.CROSS_LINGUAL_EPOCHS if cross_lingual else registry.EPOCHS)
-    return {"learning_rate": lr, "epochs": epochs, "batch_size": settings.batch_size,
-            "weight_decay": settings.weight_decay, "max_length": settings.max_length, "max_steps": settings.max_steps,
-            "seed": settings.seed, "train_lang": settings.train_lang, "eval_langs": sorted(evals),
-            "eval_files": list(settings.eval_files), "train_files": list(settings.train_files),
-            "seq2seq": seq2seq, "cross_lingual": cross_lingual}
+    return replace(settings, learning_rate=lr, epochs=epochs, eval_langs=sorted(evals))
 
 
-def _trainer(model, tokenizer, kind, seq2seq: bool, hp: dict, checkpoints: Path, train_features, settings):
+def _trainer(model, tokenizer, family, seq2seq: bool, settings: FinetuneSettings, checkpoints: Path, train_features,
+             runtime: FinetuneRuntime):
     import transformers
 
-    common = dict(output_dir=str(checkpoints), per_device_train_batch_size=hp["batch_size"],
-                  per_device_eval_batch_size=hp["batch_size"], learning_rate=hp["learning_rate"],
-                  weight_decay=hp["weight_decay"], num_train_epochs=hp["epochs"], max_steps=hp["max_steps"] or -1,
-                  save_strategy="steps", save_steps=settings.save_steps, save_total_limit=1,
-                  logging_steps=max(1, settings.save_steps // 10), report_to=[], seed=hp["seed"],
-                  disable_tqdm=not settings.progress, remove_unused_columns=False, eval_strategy="no",
+    common = dict(output_dir=str(checkpoints), per_device_train_batch_size=settings.batch_size,
+                  per_device_eval_batch_size=settings.batch_size, learning_rate=settings.learning_rate,
+                  weight_decay=settings.weight_decay, num_train_epochs=settings.epochs,
+                  max_steps=settings.max_steps or -1, save_strategy="steps", save_steps=settings.save_steps,
+                  save_total_limit=1, logging_steps=max(1, settings.save_steps // 10), report_to=[], seed=settings.seed,
+                  disable_tqdm=not runtime.progress, remove_unused_columns=False, eval_strategy="no",
                   dataloader_pin_memory=_has_accelerator(),
                   use_cpu=not _has_accelerator())  # on CPU, this is what makes torchrun runs distributed (gloo)
     if seq2seq:
         args = transformers.Seq2SeqTrainingArguments(predict_with_generate=True, generation_max_length=64, **common)
         collator = transformers.DataCollatorForSeq2Seq(tokenizer, model=model)
         return transformers.Seq2SeqTrainer(model=model, args=args, train_dataset=train_features, data_collator=collator,
-                                           processing_class=tokenizer, callbacks=settings.callbacks)
-    collator = (transformers.DataCollatorForTokenClassification(tokenizer) if kind.name == "ner"
+                                           processing_class=tokenizer, callbacks=runtime.callbacks)
+    collator = (transformers.DataCollatorForTokenClassification(tokenizer) if family.name == "ner"
                 else transformers.DataCollatorWithPadding(tokenizer))
     return transformers.Trainer(model=model, args=transformers.TrainingArguments(**common), train_dataset=train_features,
-                                data_collator=collator, processing_class=tokenizer, callbacks=settings.callbacks)
+                                data_collator=collator, processing_class=tokenizer, callbacks=runtime.callbacks)
 
 
 def _evaluate(trainer, task, tokenizer, labels, evals: dict, seq2seq: bool, max_length: int, run: Path) -> dict:
-    results, kind = {}, task.kind
+    results, family = {}, task.family
     for lang, examples in sorted(evals.items()):
-        features = _encode(kind, tokenizer, examples, labels, max_length, seq2seq, False)
+        features = _encode(family, tokenizer, examples, labels, max_length, seq2seq, False)
         output = trainer.predict(features)
         if seq2seq:
             ids = output.predictions
             ids = ids.clip(min=0) if hasattr(ids, "clip") else ids
             texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-            predictions = [kind.parse_generated(text, ex) for text, ex in zip(texts, examples)]
+            predictions = [family.parse_generated(text, ex) for text, ex in zip(texts, examples)]
         else:
-            predictions = kind.decode(output, features, examples, labels)
-        results[lang] = {**kind.score(examples, predictions), "examples": len(examples)}
+            predictions = family.decode(output, features, examples, labels)
+        results[lang] = {**family.score(examples, predictions), "examples": len(examples)}
         if trainer.is_world_process_zero():
-            _write_jsonl(run / "predictions" / f"{lang}.jsonl", [kind.record(ex, p) for ex, p in zip(examples, predictions)])
+            _write_jsonl(run / "predictions" / f"{lang}.jsonl", [family.record(ex, p) for ex, p in zip(examples, predictions)])
     metric_names = [key for key in next(iter(results.values())) if key != "examples"]
     average = {key: statistics.fmean(row[key] for row in results.values()) for key in metric_names}
-    return {"main_metric": kind.main_metric, "results": results, "average": average}
+    return {"main_metric": family.main_metric, "results": results, "average": average}
 
 
 def _has_accelerator() -> bool:
@@ -270,17 +307,16 @@ def _has_accelerator() -> bool:
 # --- compression and files -----------------------------------------------------------------------
 
 
-def _compress(model, spec: dict[str, Any]) -> dict[str, Any]:
-    """Compress the task model in place as `spec` says ({"method": "asg", "k": 256, "m": 96} or a baseline
-    with a "budget"); returns the report as a dict."""
-    from ..methods import config_from_options
+def _compress(model, compression) -> dict[str, Any]:
+    """Compress the task model in place with `compression` (a `Compression` or a method config); an encoder
+    task model has no output table, so only its input table is compressed. Returns the report as a dict."""
     from ..surgery import compress
 
-    spec = dict(spec)
-    method = spec.pop("method", "asg")
-    if model.get_output_embeddings() is None:  # an encoder task model: only its input table
-        spec["targets"] = ("input",)
-    config = config_from_options(method, tuple(model.get_input_embeddings().weight.shape), **spec)
+    only_input = {"targets": ("input",)} if model.get_output_embeddings() is None else {}
+    if isinstance(compression, Compression):
+        config = compression.config_for(tuple(model.get_input_embeddings().weight.shape), **only_input)
+    else:
+        config = replace(compression, **only_input)
     return compress(model, config, progress=False).to_dict()
 
 
@@ -356,20 +392,20 @@ def _answerable(train: list[dict], evals: dict[str, list[dict]]) -> tuple[list[d
     return train, evals
 
 
-def _labels(kind, train: list[dict], evals: dict[str, list[dict]]) -> list[str]:
+def _labels(family, train: list[dict], evals: dict[str, list[dict]]) -> list[str]:
     """The label list of the run. Evaluation labels that training never shows are an error for classification
     (the head could not learn them) and a warning for tagging (a rare tag may be missing from a small set)."""
     evaluation = [ex for rows in evals.values() for ex in rows]
-    seen, wanted = set(kind.labels(train)), set(kind.labels(evaluation))
+    seen, wanted = set(family.labels(train)), set(family.labels(evaluation))
     unseen = sorted(wanted - seen)
     if unseen and seen:
         message = (f"the evaluation data has labels {unseen} that the training data never shows "
                    f"(training labels: {sorted(seen)})")
-        if kind.name == "nli":
+        if family.name == "nli":
             raise ValueError(message + "; use the same label names in both files")
         logger.warning(message)
         print(f"asg: warning: {message}; the model cannot learn to predict them", file=sys.stderr)
-    return kind.labels(train + evaluation)
+    return family.labels(train + evaluation)
 
 
 def _save_model(model, tokenizer, target: Path) -> None:

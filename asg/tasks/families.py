@@ -1,4 +1,4 @@
-"""The three kinds of task — sentence-pair classification, tagging, extractive QA — for encoders and,
+"""The three task families — sentence-pair classification, tagging, extractive QA — for encoders and,
 as text-to-text, for encoder–decoders (paper section 2.4): how to encode examples, how to turn model
 outputs into predictions, and how to score them."""
 
@@ -21,10 +21,10 @@ class Features(list):
         self.extra = extra or []
 
 
-class Kind:
-    """What every kind shares: the Auto class of its encoder head, and defaults for generated output."""
+class Family:
+    """What every task family shares: the Auto class of its encoder head, and defaults for generated output."""
 
-    head: str = ""  # the transformers Auto class that puts this kind's head on an encoder
+    head: str = ""  # the transformers Auto class that puts this family's head on an encoder
 
     @classmethod
     def encoder_class(cls):
@@ -41,7 +41,7 @@ class Kind:
         return {**example, "prediction": prediction}
 
 
-class NLI(Kind):
+class NLI(Family):
     """Premise/hypothesis classification (XNLI); scored by accuracy."""
 
     name = "nli"
@@ -75,7 +75,7 @@ class NLI(Kind):
         return f"premise: {ex['premise']} hypothesis: {ex['hypothesis']}", ex["label"]
 
 
-class NER(Kind):
+class NER(Family):
     """Word tagging with BIO tags (WikiANN, BC5CDR); scored by entity-level F1 (seqeval)."""
 
     name = "ner"
@@ -127,16 +127,16 @@ class NER(Kind):
     @staticmethod
     def text_pair(ex) -> tuple[str, str]:
         found = entities(ex["tokens"], ex["tags"])
-        target = " ; ".join(f"{kind}: {text}" for kind, text in sorted(found)) or "none"
+        target = " ; ".join(f"{entity_type}: {text}" for entity_type, text in sorted(found)) or "none"
         return " ".join(ex["tokens"]), target
 
     @staticmethod
     def parse_generated(text: str, example) -> set:
         found = set()
         for part in text.split(";"):
-            kind, sep, span = part.partition(":")
-            if sep and kind.strip() and span.strip():
-                found.add((kind.strip(), " ".join(span.split())))
+            entity_type, sep, span = part.partition(":")
+            if sep and entity_type.strip() and span.strip():
+                found.add((entity_type.strip(), " ".join(span.split())))
         return found
 
     @staticmethod
@@ -147,18 +147,18 @@ class NER(Kind):
 
 def entities(tokens: list[str], tags: list[str]) -> set[tuple[str, str]]:
     """The (type, text) entities of a BIO-tagged sentence."""
-    found, kind, words = set(), None, []
+    found, entity_type, words = set(), None, []
     for token, tag in list(zip(tokens, tags)) + [("", "O")]:
-        if tag.startswith("I-") and kind == tag[2:]:
+        if tag.startswith("I-") and entity_type == tag[2:]:
             words.append(token)
             continue
-        if kind is not None:
-            found.add((kind, " ".join(words)))
-        kind, words = (tag[2:], [token]) if tag[:2] in ("B-", "I-") else (None, [])
+        if entity_type is not None:
+            found.add((entity_type, " ".join(words)))
+        entity_type, words = (tag[2:], [token]) if tag[:2] in ("B-", "I-") else (None, [])
     return found
 
 
-class QA(Kind):
+class QA(Family):
     """Extractive QA over a gold passage (TyDiQA-GoldP); scored by SQuAD exact match and F1."""
 
     name = "qa"
