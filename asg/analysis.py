@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 
 from . import format as fmt, kernels, pq
-from .checkpoint import read_plan
+from .checkpoint import packed_layout, read_plan
 from .format import WEIGHTS_NAME
 from .methods import config_from_plan
+from .modules import CompressedEmbedding
 
 
 def parameter_table(path: str | os.PathLike) -> dict[str, Any]:
@@ -26,7 +27,11 @@ def parameter_table(path: str | os.PathLike) -> dict[str, Any]:
         if entry.get("tied"):
             continue  # a tied head is the input table itself, listed once
         vocab, dim = entry["num_embeddings"], entry["embedding_dim"]
-        dense_bytes = vocab * dim * entry.get("dense_element_size", 4)
+        float32 = vocab * dim * 4
+        memory = entry["storage_bytes"]
+        index_on_disk = CompressedEmbedding.from_spec(entry, device="meta").index_bytes_on_disk()
+        # what format 2 stores (recorded since then); format 1 stored `memory`
+        disk = entry.get("disk_bytes", memory - entry["index_bytes"] + index_on_disk)
         row = {
             "table": name,
             "tied_head": name == "input" and bool(plan["tables"].get("output", {}).get("tied")),
@@ -37,8 +42,12 @@ def parameter_table(path: str | os.PathLike) -> dict[str, Any]:
             "params": entry["value_count"],
             "embedding_percent": 100.0 * entry["value_count"] / (vocab * dim),
             "index_bytes": entry["index_bytes"],
-            "stored_bytes": entry["storage_bytes"],
-            "bytes_percent": 100.0 * entry["storage_bytes"] / dense_bytes,
+            "disk_bytes": disk,
+            "disk_percent_float32": 100.0 * disk / float32,
+            "disk_percent_bf16": 200.0 * disk / float32,
+            "memory_bytes": memory,
+            "memory_percent_float32": 100.0 * memory / float32,
+            "memory_percent_bf16": 200.0 * memory / float32,
             "reconstruction_error": report.get("reconstruction_error", {}).get(name),
         }
         if row["kind"] == "asg":
@@ -50,8 +59,9 @@ def parameter_table(path: str | os.PathLike) -> dict[str, Any]:
                 "embedding_shape": entry["codebooks_shape"],
                 "code_dtype": entry["code_dtype"],
                 "code_bytes": entry["index_bytes"],
-                "code_bytes_packed": math.ceil(vocab * m * math.ceil(math.log2(k)) / 8),
-                "code_overhead_percent": 100.0 * entry["index_bytes"] / dense_bytes,
+                "code_bytes_packed": index_on_disk,
+                "code_overhead_percent": 100.0 * index_on_disk / float32,  # appendix C: packed codes / float32 table
+                "code_memory_percent": 100.0 * entry["index_bytes"] / float32,
             })
         tables.append(row)
     out = {
@@ -85,12 +95,13 @@ def load_table(path: str | os.PathLike, table: str = "input") -> tuple[np.ndarra
         prefixes += tables["input"]["locations"]
     entry = tables[table]
     weights = Path(path) / WEIGHTS_NAME
-    names = set(fmt.tensor_names(weights))
+    derived = packed_layout(plan)
+    names = set(fmt.tensor_names(weights, derived))
     prefix = next((p for p in prefixes if f"{p}.codes" in names), None)
     if prefix is None:
         raise ValueError(f"{weights} holds no code table for {table} (looked under {prefixes})")
     state, metadata = fmt.read_weights(weights, [f"{prefix}.codebooks", f"{prefix}.codes"],
-                                       expected=plan.get(fmt.WEIGHTS_DIGEST))
+                                       expected=plan.get(fmt.WEIGHTS_DIGEST), derived=derived)
     fmt.check_plan_digest(metadata, plan, Path(path))
     codebooks, codes = state[f"{prefix}.codebooks"], state[f"{prefix}.codes"]
     k, m, dim = entry["k"], entry["m"], entry["embedding_dim"]

@@ -118,7 +118,7 @@ def calibrate(model, reference, texts: list[str], *, tokenizer, config: Calibrat
         enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
         return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
-    def heldoutdistillation_loss() -> float:
+    def heldout_loss() -> float:
         with torch.no_grad():
             losses = [distillation_loss(model, reference, encode(heldout[i:i + batch_size]), generative).item()
                       for i in range(0, len(heldout), batch_size)]
@@ -129,7 +129,7 @@ def calibrate(model, reference, texts: list[str], *, tokenizer, config: Calibrat
     anchors = _dense_counterparts(model, reference) if config.anchor else []
     with _only_tables_train(model, tables) as trainable:
         optimizer = torch.optim.Adam(trainable, lr=config.lr)
-        stopper = _EarlyStopping(trainable, heldoutdistillation_loss(), config.patience)
+        stopper = _EarlyStopping(trainable, heldout_loss(), config.patience)
         bar = tqdm(_batches(texts, batch_size, config.steps, config.seed), total=config.steps, desc="calibrate",
                    unit="step", disable=not progress)
         try:
@@ -139,12 +139,14 @@ def calibrate(model, reference, texts: list[str], *, tokenizer, config: Calibrat
                 (loss + config.anchor * sum(_distance(table, dense) for table, dense in anchors)).backward()
                 optimizer.step()
                 if step % config.eval_every == 0 or step == config.steps:
-                    current = heldoutdistillation_loss()
+                    current = heldout_loss()
                     bar.set_postfix(loss=f"{loss.item():.4g}", heldout=f"{current:.4g}")
                     if stopper.measured(step, loss.item(), current):
                         break
         finally:
             stopper.restore()
+    for table in tables:  # tables stored in a lower precision keep values their files hold exactly
+        table.round_to_storage_(table.storage_dtype)
     result = CalibrationResult(steps=stopper.history[-1]["step"], best_step=stopper.best_step,
                                heldout_before=stopper.history[0]["heldout"], heldout_after=stopper.best,
                                history=stopper.history)

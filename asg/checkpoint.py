@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import atomic, format as fmt
+from . import atomic, bitpack, format as fmt
 from .format import CONFIG_NAME, FORMAT_VERSION, INDEX_NAME, WEIGHTS_NAME, adapt_plan, renamer, write_notice_index
 from .loading import TOKENIZER_FILES, architecture_class
 from .modules import CompressedEmbedding
@@ -50,11 +50,13 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, tokenizer=None
         if generation_config is not None and getattr(model, "can_generate", lambda: False)():
             generation_config.save_pretrained(tmp)
         tensors, aliases = _unique_tensors(model)
+        tensors.update(_in_storage_dtype(model, tensors))
         digests = fmt.digest_table(tensors)
         written_plan = _point_transformers_at_the_notice(tmp / CONFIG_NAME, fmt.text_digest(digests))
         metadata = {"format": "pt", "asg_format_version": str(FORMAT_VERSION),
                     "asg_aliases": json.dumps(aliases, sort_keys=True)}
-        fmt.write_weights(tmp / WEIGHTS_NAME, tensors, metadata, plan=written_plan, digests=digests)
+        fmt.write_weights(tmp / WEIGHTS_NAME, tensors, metadata, plan=written_plan, digests=digests,
+                          packed=_index_tables(model, tensors))
         write_notice_index(tmp, sorted(tensors))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -84,7 +86,7 @@ def from_pretrained(path: str | os.PathLike, model_class=None, **config_override
     if plan.get("tie_word_embeddings") is not None:
         config.tie_word_embeddings = plan["tie_word_embeddings"]
     saved_class = _architecture_class(config, path)
-    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    dtype = _model_dtype(state)
     # First on the meta device, where nothing is allocated: a config that disagrees with the weights (a
     # damaged vocabulary size, say) is refused before it can ask for memory.
     target = model_class or saved_class
@@ -133,7 +135,7 @@ def check_loaded_from(model: nn.Module, path: str | os.PathLike) -> None:
         return  # sharded or remote: transformers has read it; the tables' values are still validated
     plan = read_plan(path)
     fmt.check_plan_digest(fmt.read_metadata(weights), plan, path)
-    stored = fmt.stored_types(weights)
+    stored = fmt.stored_types(weights, packed_layout(plan))
     for table, entry in plan["tables"].items():
         empty = CompressedEmbedding.from_spec(entry, device="meta")  # the types the recorded table holds
         for location in entry["locations"]:
@@ -143,6 +145,24 @@ def check_loaded_from(model: nn.Module, path: str | os.PathLike) -> None:
                 if kind is not None and not tensor.is_floating_point() and kind != fmt.type_name(tensor.dtype):
                     raise ValueError(f"{weights}: tensor {prefix + name!r} is stored as {kind}, but it must be "
                                      f"{fmt.type_name(tensor.dtype)}; the checkpoint is damaged, save it again")
+    _check_unpacked(model, weights)
+
+
+def _check_unpacked(model: nn.Module, weights: Path) -> None:
+    """Each index table that transformers unpacked (asg.hf) has the digest recorded when it was written."""
+    metadata = fmt.read_metadata(weights)
+    packed = fmt.packed_layout(metadata, weights)  # recorded by our writer, which records digests too
+    digests = fmt.recorded_digests(metadata, weights)
+    if not packed or digests is None:
+        return
+    saved = architecture_class(model.config)
+    rename = renamer(model, saved, dict.fromkeys(packed)) if saved is not None and type(model) is not saved else str
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    for name in packed:
+        table = buffers.get(rename(name))
+        if table is not None and fmt.tensor_digest(table) != digests.get(name):
+            raise ValueError(f"{weights}: tensor {name!r} does not match the checksum recorded when it was written; "
+                             "the file is damaged, save the checkpoint again")
 
 
 def _assemble(path: Path, model_class, saved_class, config, dtype, plan, state, aliases):
@@ -232,6 +252,7 @@ def _point_transformers_at_the_notice(config_file: Path, weights_digest: str) ->
     file records a digest of in turn."""
     config = json.loads(config_file.read_text())
     config["transformers_weights"] = INDEX_NAME
+    config["asg"]["format_version"] = FORMAT_VERSION  # a model loaded from an older folder is written anew
     config["asg"][fmt.WEIGHTS_DIGEST] = weights_digest
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return config["asg"]
@@ -257,13 +278,52 @@ def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, aliases
 
 
+def packed_layout(plan: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The layout of every index table a folder with this (checked) `asg` section stores packed, by the
+    name it is stored under at each place of its table (see `asg.format.packed_layout`)."""
+    layout = {}
+    for table, entry in plan["tables"].items():
+        empty = CompressedEmbedding.from_spec(entry, device="meta")
+        for location in entry["locations"]:
+            prefix = f"{location}.embedding." if table == "output" else f"{location}."
+            for name, count in empty.index_tables().items():
+                buffer = getattr(empty, name)
+                layout[prefix + name] = {"shape": list(buffer.shape), "bits": bitpack.bits_for(count),
+                                         "dtype": fmt.type_name(buffer.dtype)}
+    return layout
+
+
+def _in_storage_dtype(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The stored floating-point tensors of compressed tables that keep their values in another precision,
+    cast to it (exact for values rounded by `round_to_storage_`; fine-tuned values are rounded here)."""
+    cast = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, CompressedEmbedding) and module.storage_dtype is not None:
+            for key, tensor in module.state_dict(prefix=f"{name}." if name else "").items():
+                if key in tensors and tensor.is_floating_point():
+                    cast[key] = tensors[key].to(module.storage_dtype)
+    return cast
+
+
+def _index_tables(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """{stored name: how many values its entries index} of every index table (ASG codes, SG groups) in `tensors`."""
+    counts = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, CompressedEmbedding):
+            for buffer, count in module.index_tables().items():
+                key = f"{name}.{buffer}" if name else buffer
+                if key in tensors:
+                    counts[key] = count
+    return counts
+
+
 def _read_weights(path: Path, plan: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The stored tensors (each checked against its recorded digest) and aliases; the plan checked against
     the digest the weights file recorded of it."""
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise ValueError(f"{path} has no {WEIGHTS_NAME}; the checkpoint is incomplete, save it again")
-    state, metadata = fmt.read_weights(weights, expected=plan.get(fmt.WEIGHTS_DIGEST))
+    state, metadata = fmt.read_weights(weights, expected=plan.get(fmt.WEIGHTS_DIGEST), derived=packed_layout(plan))
     fmt.check_plan_digest(metadata, plan, path)
     return state, fmt.aliases_of(metadata, weights)
 
@@ -306,6 +366,16 @@ def _adapt_state(state, aliases, model: nn.Module, saved_class, path: Path):
     kept = {new: state[name] for name, new in renamed.items() if new in present}
     aliases = {rename(a): rename(n) for a, n in aliases.items() if rename(a) in present and rename(n) in present}
     return kept, aliases
+
+
+def _model_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    """The floating-point type that holds most of the stored values (compressed tables may be stored in a
+    lower precision than the rest of the model)."""
+    counts: dict[torch.dtype, int] = {}
+    for tensor in state.values():
+        if tensor.is_floating_point():
+            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
 
 
 def _build(model_class, config, dtype):

@@ -88,6 +88,9 @@ def compress(
     norms: Optional[str] = typer.Option(
         None, "--norms", help="Norm-preserving reconstruction: row (store each token's length, V more parameters) "
                               "or scalar (one length for all). Helps decoder LLMs whose rows all have one length."),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help="ASG: store the codebooks (and norms) as float32, bfloat16 or float16; the fitted values "
+                              "are rounded to it. Default: the model's own precision."),
     fidelity: bool = typer.Option(True, "--fidelity/--no-fidelity", help="Measure fidelity to the original at the end."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it is an existing ASG checkpoint."),
 ) -> None:
@@ -107,7 +110,7 @@ def compress(
     tokenizer = load_tokenizer(source)
     vocab_size, dim = dense.get_input_embeddings().weight.shape
     config = _method_config(method, vocab_size, dim, budget, k=k, m=m, shared=shared, targets=targets,
-                            backend=backend, seed=seed, niter=niter, weights=weights, norms=norms)
+                            backend=backend, seed=seed, niter=niter, weights=weights, norms=norms, dtype=dtype)
     reference = copy.deepcopy(dense) if fidelity and tokenizer is not None else None
     report = compress_model(dense, config, tokenizer=tokenizer, progress=True)
     _written.append(save_pretrained(dense, output, tokenizer=tokenizer, overwrite=overwrite))
@@ -137,16 +140,20 @@ def info(
     if "codebook" in table["settings"]:
         settings += f" ({table['settings']['codebook']} codebook{'s' if table['settings']['codebook'] == 'separate' else ''})"
     typer.echo(f"{table['path']}: {table['method'].upper()} {settings}, from {table['source_model'] or 'an unknown source'}")
-    typer.echo(f"  {'table':11}{'V x D':>14}{'dense params':>14}{'params':>12}{'emb %':>8}{'stored bytes':>14}{'bytes %':>9}")
+    typer.echo(f"  {'table':11}{'V x D':>14}{'dense params':>14}{'params':>12}{'emb %':>8}"
+               f"{'disk bytes':>13}{'% fp32':>8}{'% bf16':>8}{'memory bytes':>14}{'% fp32':>8}{'% bf16':>8}")
     for row in table["tables"]:
         name = row["table"] + ("+head" if row["tied_head"] else "")
         typer.echo(f"  {name:11}{row['vocab_size']:>8,} x {row['dim']:<4}{row['dense_params']:>14,}{row['params']:>12,}"
-                   f"{row['embedding_percent']:>7.2f}%{row['stored_bytes']:>14,}{row['bytes_percent']:>8.2f}%")
+                   f"{row['embedding_percent']:>7.2f}%{row['disk_bytes']:>13,}{row['disk_percent_float32']:>7.2f}%"
+                   f"{row['disk_percent_bf16']:>7.2f}%{row['memory_bytes']:>14,}{row['memory_percent_float32']:>7.2f}%"
+                   f"{row['memory_percent_bf16']:>7.2f}%")
     for row in table["tables"]:
         if row["kind"] == "asg":
             shape = "[{:,}, {}]".format(*row["embedding_shape"])
-            typer.echo(f"  {row['table']}: E' (m·k, D/m) = {shape}; codes {row['code_dtype']} {row['code_bytes']:,} bytes "
-                       f"({row['code_bytes_packed']:,} packed at log2(k) bits), {row['code_overhead_percent']:.2f}% of the dense table")
+            typer.echo(f"  {row['table']}: E' (m·k, D/m) = {shape}; codes {row['code_bytes_packed']:,} bytes on disk at "
+                       f"log2(k) bits, {row['code_overhead_percent']:.2f}% of the float32 table (appendix C); "
+                       f"{row['code_bytes']:,} in memory as {row['code_dtype']}")
     if "model_params_before" in table:
         typer.echo(f"  embedding parameters {table['embedding_params_before']:,} -> {table['embedding_params_after']:,} "
                    f"({table['embedding_percent']:.2f}%)")
@@ -212,6 +219,7 @@ def compare(
     text: Optional[Path] = typer.Option(None, "--text", help="A UTF-8 text file, one text a line. Default: built-in sentences."),
     output: Path = typer.Option(Path("asg-compare"), "-o", "--output", help="Folder for compare.md, .json and .png."),
     seed: int = typer.Option(0, "--seed", help="Random seed of k-means."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="ASG: store the codebooks as float32, bfloat16 or float16."),
 ) -> None:
     """Compress a model with each method at a matched budget; print and plot reconstruction error and fidelity."""
     from .baselines import METHODS
@@ -235,7 +243,7 @@ def compare(
     vocab_size, dim = dense.get_input_embeddings().weight.shape
     m = suggest_k_m(vocab_size, dim)[1] if m is None else m
     rows = compare_methods(dense, tokenizer, texts, budget=fraction, by=budget_by, m=m, methods=chosen,
-                           progress=True, seed=seed)
+                           progress=True, seed=seed, dtype=dtype)
     title = f"{name}: embedding compression at {fraction:.2%} of the {budget_by} ({len(texts)} texts)"
     paths = write_comparison(rows, output, title)
     typer.echo(title)
@@ -412,7 +420,7 @@ def _split_list(text: str | None) -> list[str] | None:
 
 
 def _method_config(method, vocab_size, dim, budget, *, k, m, shared, targets, backend, seed, niter, weights=None,
-                   norms=None):
+                   norms=None, dtype=None):
     """The config `asg compress` builds from its options, saying on stderr what it chose for ASG and why."""
     from . import methods
     from .config import suggest_k_m
@@ -426,7 +434,7 @@ def _method_config(method, vocab_size, dim, budget, *, k, m, shared, targets, ba
                    f"table: {why}. Pass --k and --m to choose.", err=True)
     return methods.config_from_options(method, (vocab_size, dim), budget=budget, k=k, m=m,
                                        codebook="shared" if shared else None, targets=targets, niter=niter, seed=seed,
-                                       backend=backend, weights=weights, norms=norms)
+                                       backend=backend, weights=weights, norms=norms, dtype=dtype)
 
 
 def _check_output(output: Path, overwrite: bool) -> None:

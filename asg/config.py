@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
-from .format import NORM_MODES
+from .bitpack import bits_for
+from .format import NORM_MODES, STORAGE_DTYPES
 from .methods import largest
-from .pq import code_dtype
 
 CODEBOOKS = ("separate", "shared")
 TARGETS = ("input", "output")
@@ -133,9 +133,10 @@ class MethodConfig(SerializableConfig):
         return budget * vocab_size * dim * value, value
 
     @staticmethod
-    def index_bytes(entries: int, by: str) -> int:
-        """Bytes per token of an index over `entries` values (codes, groups) when bytes are counted, else 0."""
-        return code_dtype(entries).itemsize if by == "bytes" else 0
+    def index_bytes(entries: int, by: str) -> float:
+        """Bytes per token of an index over `entries` values (codes, groups) when bytes are counted, as a
+        folder stores it (packed at ⌈log2 entries⌉ bits), else 0."""
+        return bits_for(entries) / 8 if by == "bytes" else 0
 
 
 @dataclass
@@ -149,6 +150,8 @@ class ASGConfig(MethodConfig):
     (the wordfreq package), the path of a counts file, or an array with one weight per token.
     `norms="row"` keeps each token's original length (its direction comes from the concepts; one
     trainable norm per row), `"scalar"` gives every row one shared trainable length.
+    `dtype` ("bfloat16", "float16" or "float32") is the precision the codebooks and norms are stored in:
+    the fitted values are rounded to it, so that the folder holds them exactly; None keeps the model's.
     """
 
     k: int
@@ -160,6 +163,7 @@ class ASGConfig(MethodConfig):
     backend: str = "faiss"
     weights: Any = field(default=None, compare=False, repr=False)
     norms: str | None = None
+    dtype: str | None = None
 
     method: ClassVar[str] = "asg"
 
@@ -181,6 +185,8 @@ class ASGConfig(MethodConfig):
             raise ValueError(f"unknown backend {self.backend!r}: use 'faiss' (default) or 'torch' (no faiss needed, runs on GPU)")
         if self.norms not in NORM_MODES:
             raise ValueError(f"unknown norms {self.norms!r}: use None, 'row' (one length per token) or 'scalar' (one for all)")
+        if self.dtype is not None and self.dtype not in STORAGE_DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}: store the codebooks as {', '.join(STORAGE_DTYPES)}")
         if isinstance(self.weights, str) and not self.weights.strip():
             raise ValueError("weights is an empty string: give 'wordfreq', 'wordfreq:LANG', a counts file or an array")
 
@@ -191,7 +197,8 @@ class ASGConfig(MethodConfig):
 
     def settings(self) -> dict[str, Any]:
         """The settings that name this compression in tables and reports."""
-        return {"k": self.k, "m": self.m, "codebook": self.codebook, **({"norms": self.norms} if self.norms else {})}
+        return {"k": self.k, "m": self.m, "codebook": self.codebook, **({"norms": self.norms} if self.norms else {}),
+                **({"dtype": self.dtype} if self.dtype else {})}
 
     def validate_for(self, num_rows: int, dim: int, what: str = "embedding") -> None:
         """Check that this config fits a (num_rows, dim) table; raise ValueError with the fix otherwise."""
@@ -213,11 +220,15 @@ class ASGConfig(MethodConfig):
     @classmethod
     def for_budget(cls, method: str, vocab_size: int, dim: int, budget: float, *, by: str = "params",
                    element_size: int = 4, m: int | None = None, **options) -> "ASGConfig":
-        """The largest k whose codebooks (and, by bytes, codes) fit the budget, at the given m."""
+        """The largest k whose codebooks (and, by bytes, codes packed and values in the stored `dtype`) fit the
+        budget, at the given m."""
         allowed, value = cls.budget_units(vocab_size, dim, budget, by, element_size)
         if m is None:
             raise ValueError("an ASG budget needs m, the number of segments")
-        k = largest(lambda k: k * dim * value + vocab_size * m * cls.index_bytes(k, by), 2, vocab_size, allowed)
+        if by == "bytes" and options.get("dtype"):
+            value = STORAGE_DTYPES[options["dtype"]].itemsize
+        width = dim // m if options.get("codebook") == "shared" else dim  # values per concept, over all codebooks
+        k = largest(lambda k: k * width * value + vocab_size * m * cls.index_bytes(k, by), 2, vocab_size, allowed)
         if k is None:
             codes = vocab_size * m * cls.index_bytes(2, by) / (vocab_size * dim * value)
             raise ValueError(f"budget {budget:.4%} is too small for ASG with m={m}: not even k=2 concept vectors fit"

@@ -3,7 +3,7 @@ fixed order with a digest of every tensor), the checks that a folder read from d
 it is used, the notice for plain transformers, the `quantization_config` class, and the renaming of a
 plan's table places for another class of the same model family.
 
-It imports nothing from asg: the bottom layer that `surgery`, `checkpoint`, `hf` and `analysis` share.
+It imports nothing from asg but `bitpack`: the bottom layer that `surgery`, `checkpoint`, `hf` and `analysis` share.
 """
 
 from __future__ import annotations
@@ -22,20 +22,30 @@ from torch import nn
 from transformers.utils.quantization_config import QuantizationConfigMixin
 from transformers.quantizers import register_quantization_config
 
+from . import bitpack
+
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-FORMAT_VERSION = 1
+#: 2: index tables (ASG codes, SG groups) stored packed at ⌈log2 n⌉ bits (asg.bitpack); 1: in whole bytes.
+FORMAT_VERSION = 2
 METHOD = "asg"  # the quantization method name transformers knows ASG folders by
 INDEX_NAME = "asg.safetensors.index.json"
 ASG_NOTICE = "this-is-an-ASG-checkpoint--pip-install-asg-and-import-asg-before-from_pretrained.safetensors"
 TABLES = ("input", "output")
 NORM_MODES = (None, "row", "scalar")  # which lengths an ASG table stores: none, one per row, one for all
+#: the precisions a compressed table's values may be stored in (None: as the model holds them)
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
            torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64", torch.bool: "BOOL"}
 _DIGESTS = "asg_sha256"  # metadata key: {tensor name: SHA-256 of its bytes}, JSON
 _PLAN_DIGEST = "asg_plan_sha256"  # metadata key: SHA-256 of the config's `asg` section as written
+#: metadata key: {tensor name: {"shape": [...], "bits": b, "dtype": "U16"}} of the index tables stored packed,
+#: each under its name + PACKED_SUFFIX as a 1-D U8 tensor in asg.bitpack's layout
+PACKED = "asg_packed"
+PACKED_SUFFIX = "_packed"
+_INTEGER_TYPES = {"U8": torch.uint8, "I16": torch.int16, "U16": torch.uint16, "I32": torch.int32}
 #: In config.json's `asg` section only (never in memory): SHA-256 of the weights file's digest table, so that
 #: damage to the file's metadata (which could drop the digests) is caught from the config.
 WEIGHTS_DIGEST = "weights_sha256"
@@ -67,12 +77,23 @@ def in_memory(plan: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-                  plan: dict[str, Any] | None = None, digests: str | None = None) -> None:
+                  plan: dict[str, Any] | None = None, digests: str | None = None,
+                  packed: dict[str, int] | None = None) -> None:
     """Write a safetensors file whose bytes depend only on the tensors and metadata: names sorted, the header
     in a fixed order (the safetensors writer orders metadata differently from run to run), each tensor's
-    SHA-256 (`digests`, from `digest_table`) and the plan's recorded so that a damaged file is refused on
-    load instead of read wrongly."""
+    SHA-256 (`digests`, from `digest_table`, of the tensors as they are in memory) and the plan's recorded
+    so that a damaged file is refused on load instead of read wrongly. `packed` names the index tables to
+    store at ⌈log2 n⌉ bits, with the number n of values each one's entries index."""
     metadata = {**metadata, _DIGESTS: digests if digests is not None else digest_table(tensors)}
+    if packed:
+        tensors = dict(tensors)
+        layout = {}
+        for name, count in sorted(packed.items()):
+            table = tensors.pop(name)
+            bits = bitpack.bits_for(count)
+            layout[name] = {"shape": list(table.shape), "bits": bits, "dtype": _DTYPES[table.dtype]}
+            tensors[name + PACKED_SUFFIX] = bitpack.pack(table, bits)
+        metadata[PACKED] = json.dumps(layout, sort_keys=True)
     if plan is not None:
         metadata[_PLAN_DIGEST] = plan_digest(plan)
     # Larger elements first keeps every tensor aligned to its element size (the data starts 8-aligned).
@@ -106,22 +127,59 @@ def read_metadata(path: Path) -> dict[str, str]:
         raise ValueError(f"{path} is missing, truncated or corrupt ({err}); save the checkpoint again") from None
 
 
-def tensor_names(path: Path) -> list[str]:
-    """The names of the tensors in a safetensors file (ValueError when it is missing, truncated or corrupt)."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return list(handle.keys())
-    except (SafetensorError, OSError, RuntimeError) as err:
-        raise ValueError(f"{path} is missing, truncated or corrupt ({err}); save the checkpoint again") from None
+def tensor_names(path: Path, derived: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """The names of the tensors in a safetensors file, packed ones by the name they unpack to (ValueError
+    when the file is missing, truncated or corrupt); `derived` as for `stored_types`."""
+    return list(stored_types(path, derived))
 
 
-def stored_types(path: Path) -> dict[str, str]:
-    """{tensor name: safetensors dtype ("U8", "F32", ...)} from a file's header, without reading the data."""
+def stored_types(path: Path, derived: dict[str, dict[str, Any]] | None = None) -> dict[str, str]:
+    """{tensor name: safetensors dtype ("U8", "F32", ...)} from a file's header, without reading the data; a
+    packed index table by the name and type it unpacks to. `derived` is the packed layout the config
+    implies (`packed_layout` entries), for files whose metadata does not record it."""
+    return _header(path, derived)[0]
+
+
+def _header(path: Path, derived: dict[str, dict[str, Any]] | None) -> tuple[dict[str, str], dict[str, dict]]:
+    """(stored types by unpacked name, the packed layout) of a weights file."""
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return {name: handle.get_slice(name).get_dtype() for name in handle.keys()}
+            layout = packed_layout(dict(handle.metadata() or {}), path)
+            types = {name: handle.get_slice(name).get_dtype() for name in handle.keys()}
     except (SafetensorError, OSError, RuntimeError) as err:
         raise ValueError(f"{path} is missing, truncated or corrupt ({err}); save the checkpoint again") from None
+    for name, entry in (derived or {}).items():
+        if name not in layout and name + PACKED_SUFFIX in types:
+            layout[name] = entry  # written by transformers' own save_pretrained, which records no layout
+        elif name in layout and layout[name] != entry:
+            raise ValueError(f"{path}: the {PACKED} metadata of {name!r} ({layout[name]}) is not what the config "
+                             f"describes ({entry}); the checkpoint is damaged, save it again")
+    for name, entry in layout.items():
+        if types.pop(name + PACKED_SUFFIX, None) != "U8":
+            raise ValueError(f"{path} holds no U8 tensor {name + PACKED_SUFFIX!r} that its {PACKED} metadata names; "
+                             "the checkpoint is damaged, save it again")
+        types[name] = entry["dtype"]
+    return types, layout
+
+
+def packed_layout(metadata: dict[str, str], path: Path) -> dict[str, dict[str, Any]]:
+    """{tensor name: {"shape", "bits", "dtype"}} of the index tables a weights file stores packed, checked."""
+    layout = _json_field(metadata, PACKED, dict, path) or {}
+    for name, entry in layout.items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if (not isinstance(shape, list) or not 1 <= len(shape) <= 4 or not all(_is_int(n) and n >= 0 for n in shape)
+                or not _is_int(entry.get("bits")) or not 1 <= entry["bits"] <= 32
+                or entry.get("dtype") not in _INTEGER_TYPES):
+            raise ValueError(f"{path}: the {PACKED} metadata of {name!r} is damaged; save the checkpoint again")
+    return layout
+
+
+def unpacked(path: Path, name: str, data: torch.Tensor, entry: dict[str, Any]) -> torch.Tensor:
+    """The index table `name` from its packed bytes (ValueError when the bytes do not fit its layout)."""
+    try:
+        return bitpack.unpack(data, tuple(entry["shape"]), entry["bits"], _INTEGER_TYPES[entry["dtype"]])
+    except ValueError as err:
+        raise ValueError(f"{path}: tensor {name!r}: {err}; the checkpoint is damaged, save it again") from None
 
 
 def type_name(dtype: torch.dtype) -> str:
@@ -129,20 +187,23 @@ def type_name(dtype: torch.dtype) -> str:
     return _DTYPES[dtype]
 
 
-def read_weights(path: Path, names: list[str] | None = None,
-                 expected: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_weights(path: Path, names: list[str] | None = None, expected: str | None = None,
+                 derived: dict[str, dict[str, Any]] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors (all, or `names`) and metadata of a safetensors file, each tensor checked against the
     digest recorded when it was written (files written by other tools carry none and are read as they are).
-    `expected`, the config's record of the digest table, makes digests required and checks the table."""
+    `expected`, the config's record of the digest table, makes digests required and checks the table.
+    Packed index tables are unpacked (their layout recorded in the file, or `derived` from the config)."""
+    types, packed = _header(path, derived)
+    available = set(types)
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
-            available = set(handle.keys())
             wanted = sorted(available) if names is None else names
             missing = [name for name in wanted if name not in available]
             if missing:
                 raise ValueError(f"{path} holds no tensor {missing[0]!r}; the checkpoint is incomplete, save it again")
-            state = {name: handle.get_tensor(name) for name in wanted}
+            state = {name: unpacked(path, name, handle.get_tensor(name + PACKED_SUFFIX), packed[name])
+                     if name in packed else handle.get_tensor(name) for name in wanted}
     except (SafetensorError, OSError, RuntimeError) as err:
         raise ValueError(f"{path} is truncated or corrupt ({err}); save the checkpoint again") from None
     _check_digest_table(metadata, expected, path)
@@ -156,6 +217,11 @@ def read_weights(path: Path, names: list[str] | None = None,
                 raise ValueError(f"{path}: tensor {name!r} does not match the checksum recorded when it was "
                                  "written; the file is damaged, save the checkpoint again")
     return state, metadata
+
+
+def recorded_digests(metadata: dict[str, str], path: Path) -> dict[str, str] | None:
+    """{tensor name: SHA-256} that a weights file recorded when it was written; None for other tools' files."""
+    return _json_field(metadata, _DIGESTS, dict, path)
 
 
 def check_plan_digest(metadata: dict[str, str], plan: dict[str, Any], path: Path) -> None:
@@ -255,6 +321,11 @@ def _validate_table(name: str, entry: Any, fail) -> None:
             fail(f"{field}.{key}", f"must be a positive integer, got {_short(entry.get(key))}")
     for key in ("value_count", "index_bytes", "storage_bytes"):
         if not _is_int(entry.get(key)) or entry[key] < 0:
+            fail(f"{field}.{key}", f"must be a non-negative integer, got {_short(entry.get(key))}")
+    if entry.get("storage_dtype") is not None and entry["storage_dtype"] not in STORAGE_DTYPES:
+        fail(f"{field}.storage_dtype", f"must be null or one of {sorted(STORAGE_DTYPES)}")
+    for key in ("index_bytes_on_disk", "disk_bytes"):  # recorded since format 2
+        if key in entry and (not _is_int(entry[key]) or entry[key] < 0):
             fail(f"{field}.{key}", f"must be a non-negative integer, got {_short(entry.get(key))}")
     if entry.get("padding_idx") is not None and not _is_int(entry["padding_idx"]):
         fail(f"{field}.padding_idx", "must be an integer or null")

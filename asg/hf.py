@@ -19,8 +19,13 @@ from pathlib import Path
 
 from transformers.quantizers import HfQuantizer, register_quantizer
 
+from transformers.core_model_loading import ConversionOps
+
+from . import bitpack
 from .checkpoint import check_loaded_from, validate_tables
-from .format import INDEX_NAME, METHOD, ASGQuantizationConfig, adapt_plan, in_memory, validate_plan  # noqa: F401 (re-exported)
+from .format import (INDEX_NAME, METHOD, PACKED_SUFFIX, ASGQuantizationConfig, adapt_plan,  # noqa: F401 (re-exported)
+                     in_memory, validate_plan)
+from .modules import CompressedEmbedding
 from .loading import architecture_class
 from .surgery import rebuild
 
@@ -54,6 +59,13 @@ class ASGQuantizer(HfQuantizer):
         rebuild(model, in_memory(plan))
         return model
 
+    # Index tables are stored packed (format 2) under their name + PACKED_SUFFIX: the loader unpacks them
+    # with `_Unpack` into the tables `rebuild` made.
+    serialized_names = {name: [name + PACKED_SUFFIX] for name in ("codes", "groups")}
+
+    def get_load_operations(self) -> dict:
+        return {"deserialize": _Unpack}
+
     def _process_model_after_weight_loading(self, model, **kwargs):
         folder = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
         where = folder or "this checkpoint"
@@ -71,3 +83,41 @@ class ASGQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True
+
+
+class _Unpack(ConversionOps):
+    """Unpack an index table stored at ⌈log2 n⌉ bits into the table `rebuild` put in the model."""
+
+    def __init__(self, quantizer) -> None:
+        self.quantizer = quantizer
+
+    def convert(self, input_dict, model=None, full_layer_name=None, missing_keys=None, **kwargs):
+        owner, _, name = full_layer_name.rpartition(".")
+        module = model.get_submodule(owner)
+        if not isinstance(module, CompressedEmbedding) or name not in module.index_tables():
+            raise ValueError(f"this checkpoint stores a packed {full_layer_name!r}, which is not an index table of "
+                             "the model; the checkpoint is damaged, save it again")
+        packed = next(iter(input_dict.values()))
+        packed = packed[0] if isinstance(packed, list) else packed
+        table = getattr(module, name)
+        try:
+            values = bitpack.unpack(packed.cpu(), tuple(table.shape), bitpack.bits_for(module.index_tables()[name]),
+                                    table.dtype)
+        except ValueError as err:
+            raise ValueError(f"this checkpoint's tensor {full_layer_name!r}: {err}; save it again") from None
+        return {full_layer_name: values}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return _Pack()
+
+
+class _Pack(ConversionOps):
+    """What transformers' own `save_pretrained` writes of an index table: packed under the same name as ours
+    (a file without checksums or layout metadata; both loaders derive the layout from the config)."""
+
+    def convert(self, input_dict, model=None, full_layer_name=None, **kwargs):
+        owner, _, name = full_layer_name.rpartition(".")
+        count = model.get_submodule(owner).index_tables()[name.removesuffix(PACKED_SUFFIX)]
+        return {key: bitpack.pack(value[0] if isinstance(value, list) else value, bitpack.bits_for(count))
+                for key, value in input_dict.items()}

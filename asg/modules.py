@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels, pq
+from . import bitpack, kernels, pq
 from .fastpaths import FastPaths, VersionCache
 from .config import ASGConfig
-from .format import NORM_MODES
+from .format import NORM_MODES, STORAGE_DTYPES
 from .methods import register
 from .pq import code_dtype
 
@@ -56,6 +56,7 @@ class CompressedEmbedding(nn.Module):
         # A number, not a buffer: models built on the meta device (transformers' loading) never fill
         # non-persistent buffers that they do not know.
         self.embed_scale = None if embed_scale is None else float(embed_scale)
+        self.storage_dtype: torch.dtype | None = None  # the precision files store the values in; None: as held
 
     def lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Rows (..., D) of the reconstructed table for ids (...,), computed from only the state they need."""
@@ -112,7 +113,9 @@ class CompressedEmbedding(nn.Module):
         """What `from_spec` needs to build an empty module of the same shape (JSON-ready)."""
         return {"kind": self.kind, "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
                 "padding_idx": self.padding_idx, "embed_scale": self.embed_scale, "value_count": self.value_count(),
-                "index_bytes": self.index_bytes(), "storage_bytes": self.storage_bytes()}
+                "index_bytes": self.index_bytes(), "storage_bytes": self.storage_bytes(),
+                "index_bytes_on_disk": self.index_bytes_on_disk(), "disk_bytes": self.disk_bytes(),
+                "storage_dtype": None if self.storage_dtype is None else str(self.storage_dtype).removeprefix("torch.")}
 
     @staticmethod
     def from_spec(spec: dict[str, Any], *, dtype=None, device=None, embed_scale=None) -> "CompressedEmbedding":
@@ -120,7 +123,9 @@ class CompressedEmbedding(nn.Module):
         kind = spec.get("kind", "asg")
         if kind not in CompressedEmbedding.kinds:
             raise ValueError(f"unknown compressed table kind {kind!r}; known kinds are {sorted(CompressedEmbedding.kinds)}")
-        return CompressedEmbedding.kinds[kind].empty(spec, dtype=dtype, device=device, embed_scale=embed_scale)
+        module = CompressedEmbedding.kinds[kind].empty(spec, dtype=dtype, device=device, embed_scale=embed_scale)
+        module.storage_dtype = STORAGE_DTYPES.get(spec.get("storage_dtype"))
+        return module
 
     @classmethod
     def empty(cls, spec: dict[str, Any], *, dtype=None, device=None, embed_scale=None) -> "CompressedEmbedding":
@@ -142,13 +147,43 @@ class CompressedEmbedding(nn.Module):
         """How many numbers define the table's values (trainable or frozen), index tables excluded."""
         return sum(p.numel() for p in self.parameters())
 
+    def index_tables(self) -> dict[str, int]:
+        """{buffer name: how many values its entries index} of the fixed token→index tables (ASG codes: k,
+        SG groups: the number of groups), which files store packed at ⌈log2 n⌉ bits (asg.bitpack)."""
+        return {}
+
     def index_bytes(self) -> int:
-        """Bytes of the fixed token→index tables (ASG codes, SG groups); 0 where there are none."""
-        return 0
+        """Bytes of the fixed token→index tables (ASG codes, SG groups) in memory; 0 where there are none."""
+        return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in self.index_tables())
 
     def storage_bytes(self) -> int:
-        """Bytes of everything the module saves."""
+        """Bytes of everything the module saves, as it holds them in memory."""
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    def index_bytes_on_disk(self) -> int:
+        """Bytes of the index tables as an ASG folder stores them: packed at ⌈log2 n⌉ bits."""
+        return sum(bitpack.packed_size(getattr(self, name).numel(), bitpack.bits_for(count))
+                   for name, count in self.index_tables().items())
+
+    def disk_bytes(self) -> int:
+        """Bytes of everything the module saves, as an ASG folder stores them: index tables packed, values
+        in `storage_dtype`."""
+        values = sum(t.numel() * (self.storage_dtype.itemsize if self.storage_dtype and t.is_floating_point()
+                                  else t.element_size())
+                     for name, t in self.state_dict().items() if name not in self.index_tables())
+        return values + self.index_bytes_on_disk()
+
+    def round_to_storage_(self, dtype: torch.dtype | None) -> None:
+        """Store values in `dtype` from now on, rounding them to it now, so that files hold them exactly."""
+        self.storage_dtype = dtype
+        if dtype is not None:
+            with torch.no_grad():
+                for name, parameter in self.named_parameters():
+                    rounded = parameter.to(dtype)
+                    if not bool(torch.isfinite(rounded).all()):
+                        raise ValueError(f"the {name} values exceed the range of {dtype}; store them as bfloat16 "
+                                         "or float32")
+                    parameter.copy_(rounded.to(parameter.dtype))
 
 
 def _same_storage(a: torch.Tensor, b) -> bool:
@@ -333,8 +368,8 @@ class ASGEmbedding(CompressedEmbedding):
                 "codebooks_shape": list(self.codebooks.shape),
                 "code_dtype": str(self.codes.dtype).replace("torch.", "")}
 
-    def index_bytes(self) -> int:
-        return self.codes.numel() * self.codes.element_size()
+    def index_tables(self) -> dict[str, int]:
+        return {"codes": self.k}
 
     def resize_(self, count: int, mean_resizing: bool = True) -> None:
         """Keep the first `count` tokens, or add tokens whose codes encode an initial vector (drawn from the
@@ -428,6 +463,7 @@ def fit_asg(config: ASGConfig, weight: torch.Tensor, name: str, progress: bool, 
         norms = row_norms if config.norms == "row" else row_norms.mean().reshape(1)
     module = ASGEmbedding.from_pq(fit.codebooks, fit.codes, norms=norms, dtype=weight.dtype, device=weight.device,
                                   **kwargs)
+    module.round_to_storage_(STORAGE_DTYPES.get(config.dtype))
     ids = torch.arange(weight.shape[0], device=weight.device)
     with torch.no_grad():  # block by block, so that no second full table is built
         error = pq.relative_error(weight, lambda rows: module.rows(ids[rows]))

@@ -137,6 +137,8 @@ def _report(model: nn.Module, config, tables, dense: dict[int, torch.Tensor], er
         embedding_bytes_after=sum(mod.storage_bytes() for mod in modules),
         reconstruction_error=errors,
         tables=tables,
+        code_bytes_on_disk=sum(mod.index_bytes_on_disk() for mod in modules),
+        embedding_bytes_on_disk=sum(mod.disk_bytes() for mod in modules),
     )
 
 

@@ -136,8 +136,9 @@ def test_config_for_budget_matches_budgets():
     assert config_for_budget("asg", V, D, 0.01, m=96).k == 305  # k·D <= 1% of V·D
     assert round(config_for_budget("sg", V, D, 0.01).ratio * V) == 305
     assert config_for_budget("lowrank", V, D, 0.01).rank == 3  # r·(V+D) <= 1% of V·D
-    by_bytes = config_for_budget("asg", V, D, 0.05, by="bytes", m=24)
-    assert by_bytes.k * D * 4 + V * 24 * 2 <= 0.05 * V * D * 4 < (by_bytes.k + 1) * D * 4 + V * 24 * 2
+    by_bytes = config_for_budget("asg", V, D, 0.05, by="bytes", m=24)  # codes counted packed: 10 bits for k <= 1024
+    assert by_bytes.k == 929  # with codes in 16 bits, 5% would leave room for only 572 concepts
+    assert by_bytes.k * D * 4 + V * 24 * 10 / 8 <= 0.05 * V * D * 4 < (by_bytes.k + 1) * D * 4 + V * 24 * 10 / 8
     assert config_for_budget("int4", V, D, 0.01) == ScalarConfig(bits=4)
 
 

@@ -74,7 +74,7 @@ def test_shared_and_targets_options(model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     plan = asg.read_plan(out)
     assert plan["config"] == {"k": 32, "m": 8, "codebook": "shared", "targets": ["input"], "niter": 25,
-                              "seed": 3, "backend": "torch", "weights": None, "norms": None}
+                              "seed": 3, "backend": "torch", "weights": None, "norms": None, "dtype": None}
     assert set(plan["tables"]) == {"input"}
     assert_user_error(run("inspect", str(out), "--token", "father", "--table", "output"), "no compressed output table")
 
@@ -101,8 +101,10 @@ def test_info_shows_the_parameter_table(compressed_dir):
     assert result.exit_code == 0, result.output
     assert "ASG k=16 m=8 (separate codebooks)" in result.stdout
     row = [line for line in result.stdout.splitlines() if line.strip().startswith("input+head")][0]
-    assert row.split()[-5:] == [f"{VOCAB * HIDDEN:,}", f"{16 * HIDDEN:,}", f"{100 * 512 / (VOCAB * HIDDEN):.2f}%",
-                                f"{512 * 4 + VOCAB * 8:,}", f"{100 * (512 * 4 + VOCAB * 8) / (VOCAB * HIDDEN * 4):.2f}%"]
+    disk, memory, float32 = 512 * 4 + VOCAB * 4, 512 * 4 + VOCAB * 8, VOCAB * HIDDEN * 4  # codes: 4 bits on disk
+    assert row.split()[-9:] == [f"{VOCAB * HIDDEN:,}", f"{16 * HIDDEN:,}", f"{100 * 512 / (VOCAB * HIDDEN):.2f}%",
+                                f"{disk:,}", f"{100 * disk / float32:.2f}%", f"{200 * disk / float32:.2f}%",
+                                f"{memory:,}", f"{100 * memory / float32:.2f}%", f"{200 * memory / float32:.2f}%"]
     assert "E' (m·k, D/m) = [128, 4]" in result.stdout
     data = json.loads(run("info", str(compressed_dir), "--json").stdout)
     (table,) = data["tables"]
@@ -110,7 +112,7 @@ def test_info_shows_the_parameter_table(compressed_dir):
     assert table["dense_params"] == VOCAB * HIDDEN and table["params"] == 512
     assert table["code_bytes"] == VOCAB * 8
     assert table["code_bytes_packed"] == VOCAB * 8 * 4 // 8  # log2(16) = 4 bits a code
-    assert table["code_overhead_percent"] == pytest.approx(100 * VOCAB * 8 / (VOCAB * HIDDEN * 4))
+    assert table["code_overhead_percent"] == pytest.approx(100 * VOCAB * 8 * 4 / 8 / (VOCAB * HIDDEN * 4))
     assert table["tied_head"] is True and data["embedding_percent"] == pytest.approx(100 * 512 / (VOCAB * HIDDEN))
 
 
@@ -148,6 +150,20 @@ def test_compare_writes_a_table_json_and_plot(model_dir, tmp_path):
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| asg | k=21, m=8 |" in (out / "compare.md").read_text()
     assert "| asg | k=21, m=8 |" in result.stdout
+
+
+def test_dtype_stores_the_codebooks_in_that_precision(model_dir, tmp_path):
+    out = tmp_path / "half"
+    result = run("compress", str(model_dir), "--k", "16", "--m", "8", "--dtype", "bfloat16", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert "compressed, on disk" in result.stdout
+    table = json.loads(run("info", str(out), "--json").stdout)["tables"][0]
+    assert table["disk_bytes"] == 16 * HIDDEN * 2 + VOCAB * 8 * 4 // 8  # bf16 codebooks, 4-bit codes
+    assert asg.read_plan(out)["config"]["dtype"] == "bfloat16"
+    assert_user_error(run("compress", str(model_dir), "--k", "16", "--m", "8", "--dtype", "fp8", "-o",
+                          str(tmp_path / "bad")), "unknown dtype 'fp8'")
+    assert_user_error(run("compress", str(model_dir), "--method", "sg", "--dtype", "bfloat16", "-o",
+                          str(tmp_path / "sg")), "--dtype applies to ASG only")
 
 
 def test_compare_reports_a_method_that_cannot_meet_the_budget(model_dir, tmp_path):

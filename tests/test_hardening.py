@@ -36,13 +36,19 @@ def saved(tmp_path, arch="bert", config=None, name="ckpt"):
     return model, asg.save_pretrained(model, tmp_path / name)
 
 
-def rewrite(folder, change, keep_digests=False):
+def rewrite(folder, change, keep_digests=False, unpack=True):
     """Rewrite a folder's weights file with `change(state)` applied: as damage would (`keep_digests`), or as
-    another tool writes a folder (transformers' own save_pretrained), with no checksums to catch it."""
+    another tool writes a folder (transformers' own save_pretrained), with no checksums to catch it. Packed
+    index tables are handed to `change` unpacked and written back unpacked (as format 1 stored them),
+    unless `unpack=False`."""
     path = folder / "model.safetensors"
     with safe_open(str(path), "pt") as handle:
         metadata = handle.metadata()
         state = {name: handle.get_tensor(name) for name in handle.keys()}
+    if unpack:
+        for name, entry in json.loads(metadata.pop("asg_packed", "{}")).items():
+            state[name] = asg.bitpack.unpack(state.pop(name + "_packed"), tuple(entry["shape"]), entry["bits"],
+                                             {"U8": torch.uint8, "I16": torch.int16, "U16": torch.uint16}[entry["dtype"]])
     change(state)
     if not keep_digests:
         drop_checksums(folder, metadata)
@@ -158,6 +164,21 @@ def test_codes_outside_the_codebooks_in_a_file_are_refused(value, dtype, message
     # transformers reads the file itself: whichever check meets the damage first refuses it
     stored_as = message.replace("torch.int16", "I16").replace("torch.float32", "F32").replace("torch.uint8", "U8")
     with pytest.raises(ValueError, match=f"{stored_as}|codes must lie in 0..15"):
+        tf.AutoModelForMaskedLM.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("keep_digests, message", [(True, "does not match the checksum"),
+                                                    (False, "codes must lie in 0..9")])
+def test_packed_codes_that_decode_outside_the_codebooks_are_refused(keep_digests, message, tmp_path):
+    _, folder = saved(tmp_path, config=asg.ASGConfig(k=10, m=M))  # 4-bit codes: 10..15 are representable
+
+    def damage(state):
+        state["bert.embeddings.word_embeddings.codes_packed"][5] = 0xFF  # two codes of 15
+
+    rewrite(folder, damage, keep_digests=keep_digests, unpack=False)
+    with pytest.raises(ValueError, match=message):
+        asg.from_pretrained(folder)
+    with pytest.raises(ValueError, match=message if not keep_digests else "checksum|codes must lie in 0..9"):
         tf.AutoModelForMaskedLM.from_pretrained(folder)
 
 

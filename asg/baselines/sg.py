@@ -106,8 +106,8 @@ class GroupedEmbedding(CompressedEmbedding):
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "num_groups": self.num_groups}
 
-    def index_bytes(self) -> int:
-        return self.groups.numel() * self.groups.element_size()
+    def index_tables(self) -> dict[str, int]:
+        return {"groups": self.num_groups}
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, groups={self.num_groups}"

@@ -410,9 +410,11 @@ def _labels(family, train: list[dict], evals: dict[str, list[dict]]) -> list[str
 
 def _save_model(model, tokenizer, target: Path) -> None:
     from ..checkpoint import save_pretrained
-    from ..surgery import is_compressed
+    from ..surgery import compressed_tables, is_compressed
 
     if is_compressed(model):
+        for table in compressed_tables(model):  # as calibration does: the saved values are the model's
+            table.round_to_storage_(table.storage_dtype)
         save_pretrained(model, target, tokenizer=tokenizer)
         return
     from ..atomic import write_folder
