@@ -91,6 +91,19 @@ def compress(
     dtype: Optional[str] = typer.Option(
         None, "--dtype", help="ASG: store the codebooks (and norms) as float32, bfloat16 or float16; the fitted values "
                               "are rounded to it. Default: the model's own precision."),
+    auto: Optional[bool] = typer.Option(
+        None, "--auto/--no-auto", help="ASG: choose k, m and the norm mode by measuring candidates within --budget "
+                                       "(default 1% of the parameters) on text, and print what was tried. Default: on "
+                                       "for generative models given neither --k nor --m."),
+    max_bytes: Optional[str] = typer.Option(None, "--max-bytes", help="--auto: also at most this share of the float32 "
+                                                                      "table's bytes on disk, e.g. 10%."),
+    max_kl: Optional[float] = typer.Option(None, "--max-kl", help="--auto: the smallest setting whose next-token KL "
+                                                                  "is at most this."),
+    target_ppl_ratio: Optional[float] = typer.Option(
+        None, "--target-ppl-ratio", help="--auto: the smallest setting whose perplexity is within this factor of "
+                                         "the original's, e.g. 1.25."),
+    text: Optional[Path] = typer.Option(None, "--text", help="--auto: text to measure on, one text a line. "
+                                                             "Default: the built-in sentences."),
     fidelity: bool = typer.Option(True, "--fidelity/--no-fidelity", help="Measure fidelity to the original at the end."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it is an existing ASG checkpoint."),
 ) -> None:
@@ -109,8 +122,18 @@ def compress(
     dense = load_model(source)
     tokenizer = load_tokenizer(source)
     vocab_size, dim = dense.get_input_embeddings().weight.shape
-    config = _method_config(method, vocab_size, dim, budget, k=k, m=m, shared=shared, targets=targets,
-                            backend=backend, seed=seed, niter=niter, weights=weights, norms=norms, dtype=dtype)
+    from .fidelity import is_generative
+
+    if auto is None:
+        auto = method == "asg" and k is None and m is None and is_generative(dense)
+    if auto:
+        if tokenizer is None:
+            raise ValueError(f"{source} holds no tokenizer: --auto measures candidates on text; pass --k and --m")
+        config = _auto_config(dense, tokenizer, budget, max_bytes, max_kl, target_ppl_ratio, text, targets=targets,
+                              backend=backend, seed=seed, niter=niter, weights=weights, dtype=dtype)
+    else:
+        config = _method_config(method, vocab_size, dim, budget, k=k, m=m, shared=shared, targets=targets,
+                                backend=backend, seed=seed, niter=niter, weights=weights, norms=norms, dtype=dtype)
     reference = copy.deepcopy(dense) if fidelity and tokenizer is not None else None
     report = compress_model(dense, config, tokenizer=tokenizer, progress=True)
     _written.append(save_pretrained(dense, output, tokenizer=tokenizer, overwrite=overwrite))
@@ -212,14 +235,20 @@ def inspect(
 @_friendly
 def compare(
     model: Optional[str] = typer.Argument(None, help="A model folder, hub name or .gguf file. Default: all-MiniLM-L6-v2."),
-    budget: str = typer.Option("1%", "--budget", help="Budget as % of the dense table, e.g. 1% or 0.5%."),
-    budget_by: str = typer.Option("params", "--budget-by", help="Match the budget in params or in bytes (codes included)."),
+    budget: str = typer.Option("1%", "--budget", help="Budget as % of the dense table, e.g. 1% or 0.5%; several "
+                                                       "(3%,5%,10%) trace each method's fidelity against its bytes."),
+    budget_by: str = typer.Option("params", "--budget-by", help="Match the budget in params or in bytes (codes "
+                                                                "packed, values in their stored precision)."),
     methods: str = typer.Option("asg,sg,lowrank,int8,int4", "--methods", help="Comma-separated methods to compare."),
-    m: Optional[int] = typer.Option(None, "--m", help="ASG segments. Default: as `asg compress` picks."),
+    m: Optional[str] = typer.Option(None, "--m", help="ASG segments, or several (24,48,96). Default: as `asg compress` picks."),
+    group_sizes: str = typer.Option("32", "--group-sizes", help="int8/int4 also with one scale per this many values "
+                                                                "(comma-separated; empty for per-row scales only)."),
     text: Optional[Path] = typer.Option(None, "--text", help="A UTF-8 text file, one text a line. Default: built-in sentences."),
     output: Path = typer.Option(Path("asg-compare"), "-o", "--output", help="Folder for compare.md, .json and .png."),
     seed: int = typer.Option(0, "--seed", help="Random seed of k-means."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="ASG: store the codebooks as float32, bfloat16 or float16."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="ASG: frequency-aware k-means (wordfreq, "
+                                                                  "wordfreq:LANG, or a counts file), as in `asg compress`."),
 ) -> None:
     """Compress a model with each method at a matched budget; print and plot reconstruction error and fidelity."""
     from .baselines import METHODS
@@ -233,7 +262,8 @@ def compare(
     unknown = [name for name in chosen if name not in METHODS]
     if unknown or not chosen:
         raise ValueError(f"unknown method(s) {unknown or chosen}; choose from {', '.join(METHODS)}")
-    fraction = parse_budget(budget)
+    fractions = [parse_budget(part) for part in budget.split(",") if part.strip()]
+    groups = [int(part) for part in group_sizes.split(",") if part.strip()]
     texts = read_texts(text)
     source = model if model is not None else str(default_model_path())
     name = model if model is not None else DEFAULT_MODEL_NAME
@@ -241,10 +271,11 @@ def compare(
     dense = load_model(source).eval()
     tokenizer = load_tokenizer(source, required=True)
     vocab_size, dim = dense.get_input_embeddings().weight.shape
-    m = suggest_k_m(vocab_size, dim)[1] if m is None else m
-    rows = compare_methods(dense, tokenizer, texts, budget=fraction, by=budget_by, m=m, methods=chosen,
-                           progress=True, seed=seed, dtype=dtype)
-    title = f"{name}: embedding compression at {fraction:.2%} of the {budget_by} ({len(texts)} texts)"
+    segments = [suggest_k_m(vocab_size, dim)[1]] if m is None else [int(part) for part in m.split(",") if part.strip()]
+    rows = compare_methods(dense, tokenizer, texts, budget=fractions, by=budget_by, m=segments, methods=chosen,
+                           group_sizes=groups, progress=True, seed=seed, dtype=dtype, weights=weights)
+    shown = ", ".join(f"{fraction:.2%}" for fraction in fractions)
+    title = f"{name}: embedding compression at {shown} of the {budget_by} ({len(texts)} texts)"
     paths = write_comparison(rows, output, title)
     typer.echo(title)
     typer.echo(markdown_table(rows))
@@ -435,6 +466,28 @@ def _method_config(method, vocab_size, dim, budget, *, k, m, shared, targets, ba
     return methods.config_from_options(method, (vocab_size, dim), budget=budget, k=k, m=m,
                                        codebook="shared" if shared else None, targets=targets, niter=niter, seed=seed,
                                        backend=backend, weights=weights, norms=norms, dtype=dtype)
+
+
+def _auto_config(dense, tokenizer, budget, max_bytes, max_kl, target_ppl_ratio, text, **fit_options):
+    """The ASG config `asg compress --auto` measures its way to, printing the search on stderr."""
+    from .fidelity import is_generative, read_texts
+    from .methods import parse_budget
+    from .selection import markdown_table, select
+
+    fraction = parse_budget(budget) if budget is not None else 0.01
+    texts = read_texts(text)
+    generative = is_generative(dense)
+    typer.echo(f"choosing k, m and the norm mode within {fraction:.2%} of the embedding parameters by measuring "
+               f"{'next-token KL' if generative else 'sentence-embedding cosine'} on {len(texts)} texts", err=True)
+    options = {key: value for key, value in fit_options.items() if value is not None}
+    result = select(dense, tokenizer, texts, budget=fraction, max_bytes=parse_budget(max_bytes) if max_bytes else None,
+                    max_kl=max_kl, target_ppl_ratio=target_ppl_ratio, report=lambda line: typer.echo(line, err=True),
+                    **options)
+    typer.echo(markdown_table(result, generative), err=True)
+    typer.echo(f"chose {result.best.label}: {result.reason}", err=True)
+    if not result.met_target:
+        typer.echo("warning: no setting within the budget reaches the target", err=True)
+    return result.best.config
 
 
 def _check_output(output: Path, overwrite: bool) -> None:

@@ -336,6 +336,9 @@ def _validate_table(name: str, entry: Any, fail) -> None:
         for key in ("tied", "bias"):
             if not isinstance(entry.get(key), bool):
                 fail(f"{field}.{key}", "must be true or false")
+    group = entry.get("group_size")
+    if group is not None and (not _is_int(group) or group < 1 or entry["embedding_dim"] % group):
+        fail(f"{field}.group_size", f"must be null or a positive divisor of embedding_dim, got {_short(group)}")
     if entry.get("kind", "asg") == "asg":
         for key in ("k", "m"):
             if not _is_int(entry.get(key)) or entry[key] < 1:

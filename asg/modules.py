@@ -257,6 +257,18 @@ class ASGEmbedding(CompressedEmbedding):
                 module.norms.copy_(torch.as_tensor(norms).reshape(module.norms.shape))
         return module
 
+    def set_norms_(self, mode: str | None, lengths: torch.Tensor) -> None:
+        """Switch to norm mode `mode`, storing the lengths it keeps of `lengths` (V,), the original rows'
+        lengths: each of them ("row"), their mean ("scalar"), or none (None)."""
+        if mode not in NORM_MODES:
+            raise ValueError(f"unknown norm mode {mode!r}: use None, 'row' or 'scalar'")
+        self.norm_mode = mode
+        if mode is None:
+            self.norms = None
+            return
+        kept = lengths if mode == "row" else lengths.mean().reshape(1)
+        self.norms = nn.Parameter(kept.detach().to(self.codebooks.dtype).to(self.codebooks.device).clone())
+
     @classmethod
     def empty(cls, spec, *, dtype=None, device=None, embed_scale=None) -> "ASGEmbedding":
         return cls(spec["num_embeddings"], spec["embedding_dim"], spec["k"], spec["m"], shared=spec["shared"],
@@ -457,12 +469,8 @@ def fit_asg(config: ASGConfig, weight: torch.Tensor, name: str, progress: bool, 
                          "compress that table unweighted (targets) or give weights for its vocabulary")
     fit = pq.fit(weight, config.k, config.m, codebook=config.codebook, niter=config.niter, seed=config.seed,
                  backend=config.backend, progress=progress, desc=f"k-means {name}", weights=weights)
-    norms = None
-    if config.norms is not None:
-        row_norms = torch.linalg.vector_norm(weight.detach().float(), dim=1)
-        norms = row_norms if config.norms == "row" else row_norms.mean().reshape(1)
-    module = ASGEmbedding.from_pq(fit.codebooks, fit.codes, norms=norms, dtype=weight.dtype, device=weight.device,
-                                  **kwargs)
+    module = ASGEmbedding.from_pq(fit.codebooks, fit.codes, dtype=weight.dtype, device=weight.device, **kwargs)
+    module.set_norms_(config.norms, torch.linalg.vector_norm(weight.detach().float(), dim=1))
     module.round_to_storage_(STORAGE_DTYPES.get(config.dtype))
     ids = torch.arange(weight.shape[0], device=weight.device)
     with torch.no_grad():  # block by block, so that no second full table is built

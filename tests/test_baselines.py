@@ -30,7 +30,8 @@ def independent_table(module) -> torch.Tensor:
         values = module.values.long()
         if module.bits == 4:
             values = torch.stack((values % 16, values // 16), -1).flatten(1)[:, : module.embedding_dim] - 8
-        return values.float() * module.scale[:, None]
+        scale = module.scale if module.scale.dim() == 2 else module.scale[:, None]
+        return (values.float().reshape(len(values), scale.shape[1], -1) * scale[..., None]).flatten(1)
     raise TypeError(type(module))
 
 
@@ -90,6 +91,34 @@ def test_older_folders_that_call_int8_and_int4_tables_scalar_still_load():
         module = asg.modules.CompressedEmbedding.from_spec({"kind": "scalar", "num_embeddings": 10, "embedding_dim": 6,
                                                             "bits": bits})
         assert isinstance(module, QuantizedEmbedding) and module.bits == bits and module.spec()["kind"] == f"int{bits}"
+
+
+def test_int4_with_groups_is_exact_to_its_values_and_closer_than_per_row_scales(tmp_path):
+    original = build("mt5")
+    errors = {}
+    for group_size in (None, 8):
+        model = copy.deepcopy(original)
+        report = asg.compress(model, ScalarConfig(bits=4, group_size=group_size), progress=False)
+        errors[group_size] = report.reconstruction_error["input"]
+        table = model.get_input_embeddings()
+        groups = 1 if group_size is None else HIDDEN // group_size
+        assert table.scale.shape == ((VOCAB,) if group_size is None else (VOCAB, groups))
+        assert report.embedding_bytes_on_disk == 2 * (VOCAB * HIDDEN // 2 + VOCAB * groups * 4)
+        weight = table.weight.detach()
+        for row in (0, 7, VOCAB - 1):  # every group is its own symmetric int4 grid: at most 7 steps of its scale
+            for g in range(groups):
+                part = slice(g * (group_size or HIDDEN), (g + 1) * (group_size or HIDDEN))
+                dense = original.get_input_embeddings().weight.detach()[row, part]
+                step = dense.abs().max() / 7
+                assert (weight[row, part] - dense).abs().max() <= step / 2 + 1e-6
+        inputs = sample_inputs("mt5")
+        torch.testing.assert_close(outputs(model, inputs), outputs(twin_of(original, model), inputs), rtol=1e-5, atol=1e-5)
+        asg.save_pretrained(model, tmp_path / f"g{group_size}")
+        loaded = asg.from_pretrained(tmp_path / f"g{group_size}")
+        assert torch.equal(outputs(loaded, inputs), outputs(model, inputs))
+    assert errors[8] < 0.8 * errors[None]
+    with pytest.raises(ValueError, match="group_size=12 does not divide the input embedding dimension D=32"):
+        asg.compress(copy.deepcopy(original), ScalarConfig(bits=4, group_size=12), progress=False)
 
 
 def test_sg_groups_directions_and_starts_from_the_group_mean():

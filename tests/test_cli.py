@@ -143,7 +143,8 @@ def test_compare_writes_a_table_json_and_plot(model_dir, tmp_path):
     result = run("compare", str(model_dir), "--budget", "10%", "--m", "8", "--text", str(texts), "-o", str(out))
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "compare.json").read_text())["rows"]
-    assert [row["method"] for row in rows] == ["asg", "sg", "lowrank", "int8", "int4"]
+    assert [row["method"] for row in rows] == ["asg", "sg", "lowrank", "int8", "int8", "int4", "int4"]
+    assert [row["settings"] for row in rows[3:]] == ["bits=8", "bits=8, group_size=32", "bits=4", "bits=4, group_size=32"]
     assert all(row["texts"] == 3 and -1 <= row["mean_cosine"] <= 1 for row in rows)
     assert rows[0]["settings"] == f"k={VOCAB // 10}, m=8"
     assert rows[3]["mean_cosine"] > 0.99  # int8 barely changes a table
@@ -164,6 +165,24 @@ def test_dtype_stores_the_codebooks_in_that_precision(model_dir, tmp_path):
                           str(tmp_path / "bad")), "unknown dtype 'fp8'")
     assert_user_error(run("compress", str(model_dir), "--method", "sg", "--dtype", "bfloat16", "-o",
                           str(tmp_path / "sg")), "--dtype applies to ASG only")
+
+
+def test_compare_at_several_budgets_and_m_traces_each_method_against_its_bytes(model_dir, tmp_path):
+    out = tmp_path / "frontier"
+    result = run("compare", str(model_dir), "--budget", "10%,20%", "--budget-by", "bytes", "--m", "4,8",
+                 "--methods", "asg,sg,int4", "--group-sizes", "8,16", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    asg_rows = [(row["budget"], row["settings"]) for row in rows if row["method"] == "asg"]
+    assert [budget for budget, _ in asg_rows] == [0.1, 0.1, 0.2, 0.2]  # each budget at m=4 and m=8
+    assert len([row for row in rows if row["method"] == "sg"]) == 2
+    assert [row["settings"] for row in rows if row["method"] == "int4"] == [
+        "bits=4", "bits=4, group_size=8", "bits=4, group_size=16"]  # fixed sizes: once, whatever the budget
+    for row in rows:
+        if row["method"] in ("asg", "sg"):  # bytes on disk within the budget (dense: float32, so both shares agree)
+            assert row["bytes_percent"] <= 100 * row["budget"] + 1e-9
+            assert row["disk_percent_float32"] == pytest.approx(row["bytes_percent"])
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compare_reports_a_method_that_cannot_meet_the_budget(model_dir, tmp_path):

@@ -1,4 +1,5 @@
-"""Scalar quantization of the embedding rows to int8 or int4 with one scale per row, dequantized on lookup.
+"""Scalar quantization of the embedding rows to int8 or int4 with one scale per row, or per group of
+`group_size` values as real int4 schemes do (GGUF's Q4_0 uses groups of 32), dequantized on lookup.
 
 What a user gets from generic quantization tools: the same number of values at fewer bits. The
 quantized values are frozen buffers (fine-tuning does not change them); only bytes shrink.
@@ -20,25 +21,33 @@ from ..modules import CompressedEmbedding
 
 @dataclass
 class ScalarConfig(MethodConfig):
-    """Symmetric per-row quantization to `bits` (8 or 4) bits."""
+    """Symmetric quantization to `bits` (8 or 4) bits, with one scale per row, or per `group_size`
+    consecutive values of a row."""
 
     bits: int = 8
     targets: tuple[str, ...] = ("input", "output")
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         self.targets = validate_targets(self.targets)
         if self.bits not in (8, 4):
             raise ValueError(f"bits={self.bits!r}: scalar quantization supports 8 (int8) or 4 (int4) bits")
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
+                                            or self.group_size < 2 or self.group_size % 2):
+            raise ValueError(f"group_size={self.group_size!r} must be an even number of values, e.g. 32")
 
     @property
     def method(self) -> str:
         return f"int{self.bits}"
 
     def validate_for(self, num_rows: int, dim: int, what: str = "embedding") -> None:
-        """Every table can be quantized."""
+        """Every table can be quantized per row; groups must divide its rows."""
+        if self.group_size is not None and dim % self.group_size:
+            raise ValueError(f"group_size={self.group_size} does not divide the {what} dimension D={dim}; "
+                             f"choose a divisor of {dim}")
 
     def settings(self) -> dict[str, Any]:
-        return {"bits": self.bits}
+        return {"bits": self.bits, **({"group_size": self.group_size} if self.group_size else {})}
 
     @classmethod
     def for_budget(cls, method: str, vocab_size: int, dim: int, budget: float, *, by: str = "params",
@@ -55,20 +64,22 @@ class ScalarConfig(MethodConfig):
 
 
 class QuantizedEmbedding(CompressedEmbedding):
-    """A token table of int8 values (or int4 pairs packed into bytes) times a per-row `scale`."""
+    """A token table of int8 values (or int4 pairs packed into bytes) times a `scale` per row (V,) or per
+    group of `group_size` values (V, D / group_size)."""
 
     kind = "int8"
     aliases = ("int4", "scalar")  # "scalar": what older folders record for both
 
-
     def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, padding_idx=None, embed_scale=None,
-                 dtype=None, device=None) -> None:
+                 dtype=None, device=None, group_size: int | None = None) -> None:
         super().__init__(num_embeddings, embedding_dim, padding_idx, embed_scale)
         self.bits = bits
+        self.group_size = group_size
         width = embedding_dim if bits == 8 else (embedding_dim + 1) // 2
         store = torch.int8 if bits == 8 else torch.uint8
         self.register_buffer("values", torch.zeros(num_embeddings, width, dtype=store, device=device))
-        self.register_buffer("scale", torch.zeros(num_embeddings, dtype=dtype or torch.float32, device=device))
+        shape = (num_embeddings,) if group_size is None else (num_embeddings, embedding_dim // group_size)
+        self.register_buffer("scale", torch.zeros(shape, dtype=dtype or torch.float32, device=device))
 
     @property
     def qmax(self) -> int:
@@ -77,13 +88,18 @@ class QuantizedEmbedding(CompressedEmbedding):
     @classmethod
     def empty(cls, spec, *, dtype=None, device=None, embed_scale=None) -> "QuantizedEmbedding":
         return cls(spec["num_embeddings"], spec["embedding_dim"], spec["bits"], spec.get("padding_idx"),
-                   embed_scale, dtype, device)
+                   embed_scale, dtype, device, spec.get("group_size"))
+
+    def _grouped(self, rows: torch.Tensor) -> torch.Tensor:
+        """(..., D) as (..., groups, values per group): one group per row without `group_size`."""
+        return rows.reshape(*rows.shape[:-1], -1, self.group_size or self.embedding_dim)
 
     def quantize_(self, rows: torch.Tensor) -> None:
-        """Store `rows` (V, D): scale = max|row| / qmax, values = round(row / scale)."""
-        rows = rows.detach().float()
-        scale = rows.abs().amax(1) / self.qmax
-        q = torch.round(rows / scale.clamp_min(1e-30)[:, None]).clamp(-self.qmax, self.qmax).to(torch.int8)
+        """Store `rows` (V, D): scale = max|group| / qmax for each row or group, values = round(value / scale)."""
+        grouped = self._grouped(rows.detach().float())
+        scale = grouped.abs().amax(-1) / self.qmax
+        q = torch.round(grouped / scale.clamp_min(1e-30)[..., None]).clamp(-self.qmax, self.qmax).to(torch.int8)
+        q, scale = q.flatten(-2), scale.reshape(self.scale.shape)
         if self.bits == 4:
             q = (F.pad(q, (0, 2 * self.values.shape[1] - q.shape[1])) + 8).to(torch.uint8)  # 1..15: a nibble each
             q = q[:, 0::2] | (q[:, 1::2] << 4)
@@ -94,7 +110,9 @@ class QuantizedEmbedding(CompressedEmbedding):
         if self.bits == 4:
             low, high = (values & 0x0F).to(torch.int8) - 8, (values >> 4).to(torch.int8) - 8
             values = torch.stack((low, high), -1).flatten(-2)[..., : self.embedding_dim]
-        return values.to(scale.dtype) * scale[..., None]
+        if self.group_size is None:
+            return values.to(scale.dtype) * scale[..., None]
+        return (self._grouped(values.to(scale.dtype)) * scale[..., None]).flatten(-2)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -107,17 +125,19 @@ class QuantizedEmbedding(CompressedEmbedding):
         return self.num_embeddings * self.embedding_dim + self.scale.numel()
 
     def spec(self) -> dict[str, Any]:
-        return {**super().spec(), "kind": f"int{self.bits}", "bits": self.bits}
+        return {**super().spec(), "kind": f"int{self.bits}", "bits": self.bits, "group_size": self.group_size}
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}"
+        groups = f", group_size={self.group_size}" if self.group_size else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}{groups}"
 
 
 @register(ScalarConfig, "int8", "int4")
 def fit_scalar(config: ScalarConfig, weight: torch.Tensor, name: str, progress: bool,
                **kwargs) -> tuple[QuantizedEmbedding, float]:
     """Quantize every row of `weight` to `config.bits` bits with its own scale."""
-    module = QuantizedEmbedding(*weight.shape, config.bits, dtype=weight.dtype, device=weight.device, **kwargs)
+    module = QuantizedEmbedding(*weight.shape, config.bits, dtype=weight.dtype, device=weight.device,
+                                group_size=config.group_size, **kwargs)
     with torch.no_grad():
         module.quantize_(weight)
     return module, pq.relative_error(weight, module.weight)

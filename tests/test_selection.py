@@ -1,0 +1,93 @@
+"""Choosing ASG settings by measurement: candidates within the budget, the shared fit of the norm modes,
+the winner with and without a target, and `asg compress --auto`."""
+
+import copy
+import json
+
+import pytest
+import torch
+import transformers as tf
+from typer.testing import CliRunner
+
+import asg
+from asg import selection
+from asg.cli import app
+from asg.fidelity import fidelity
+from tiny_models import build, write_bert_folder
+
+WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "to", "a", "house", "big", "small", "red", "tree"]
+
+
+def sentences(n=30):
+    return [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(4 + i % 5)) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    return write_bert_folder(tmp_path_factory.mktemp("gpt2"), WORDS, model_class=tf.GPT2LMHeadModel)
+
+
+def test_candidates_are_the_largest_power_of_two_k_within_the_budget():
+    trials = selection.candidates(262_144, 640, budget=0.01)
+    assert {(t.config.k, t.config.m) for t in trials} == {(2048, 320), (2048, 160), (2048, 80), (2048, 40)}
+    assert {t.config.norms for t in trials} == {None, "row", "scalar"}
+    for trial in trials:  # k·D values (and V lengths for norms="row") within 1%; twice k would not be
+        assert trial.params_percent <= 1.0
+        bigger = selection.candidates(262_144, 640, budget=1.0, widths=(640 // trial.config.m,),
+                                      norm_modes=(trial.config.norms,))
+        assert any(t.config.k > trial.config.k for t in bigger)
+    capped = selection.candidates(262_144, 640, budget=0.01, max_bytes=0.10)
+    assert max(t.bytes_percent for t in capped) <= 10
+    assert {t.config.k for t in capped if t.config.m == 320} == {64}  # 6-bit codes of 320 segments: 9.4%; 7 bits: 10.9%
+
+
+def test_the_norm_modes_share_one_fit_and_measure_what_compressing_with_them_gives(gpt2_dir):
+    model = tf.AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    tokenizer = tf.AutoTokenizer.from_pretrained(gpt2_dir)
+    tokenizer.pad_token = tokenizer.pad_token or "[PAD]"
+    texts = sentences()
+    result = selection.select(model, tokenizer, texts, budget=0.4, widths=(4,))
+    assert [t.config.norms for t in result.trials] == [None, "row", "scalar"]
+    for trial in result.trials:
+        direct = copy.deepcopy(model)
+        asg.compress(direct, trial.config, tokenizer=tokenizer, progress=False)
+        assert fidelity(direct, model, tokenizer, texts)["kl"] == pytest.approx(trial.scores["kl"], rel=1e-5)
+    assert result.best is min(result.trials, key=lambda t: t.scores["kl"])
+    assert result.met_target and "best KL" in result.reason
+    assert [n for n, p in model.named_parameters() if "codebooks" in n] == []  # the model itself is untouched
+
+
+def test_a_target_picks_the_smallest_setting_that_reaches_it_or_says_none_does(gpt2_dir):
+    model = tf.AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    tokenizer = tf.AutoTokenizer.from_pretrained(gpt2_dir)
+    tokenizer.pad_token = tokenizer.pad_token or "[PAD]"
+    texts = sentences()
+    loose = selection.select(model, tokenizer, texts, budget=0.4, max_kl=1.0)
+    assert loose.best.bytes_percent == min(t.bytes_percent for t in loose.trials)  # every trial passes
+    impossible = selection.select(model, tokenizer, texts, budget=0.4, max_kl=1e-12)  # every table loses a little
+    assert not impossible.met_target and "no setting within the budget reaches the target" in impossible.reason
+    assert impossible.best is min(impossible.trials, key=lambda t: t.scores["kl"])
+
+
+def test_an_encoder_is_scored_by_sentence_cosine():
+    model = build("bert")
+    tokenizer = tf.AutoTokenizer.from_pretrained(write_bert_folder(__import__("tempfile").mkdtemp(), WORDS))
+    result = selection.select(model, tokenizer, sentences(), budget=0.4, widths=(4, 8), norm_modes=(None,),
+                              min_cosine=0.0)
+    assert all("mean_cosine" in t.scores for t in result.trials)
+    assert result.best.bytes_percent == min(t.bytes_percent for t in result.trials)
+    assert "| **chosen** |" in selection.markdown_table(result, generative=False)
+
+
+def test_compress_measures_its_way_to_settings_for_a_generative_model(gpt2_dir, tmp_path):
+    result = CliRunner().invoke(app, ["compress", str(gpt2_dir), "--budget", "40%", "--max-kl", "1", "-o",
+                                      str(tmp_path / "out"), "--no-fidelity"])
+    assert result.exit_code == 0, result.output
+    assert "choosing k, m and the norm mode within 40.00% of the embedding parameters" in result.output
+    assert "| **chosen** |" in result.output and "the smallest setting (bytes on disk) that reaches the target" in result.output
+    chosen = [line for line in result.output.splitlines() if line.startswith("chose ")][0]
+    plan = asg.read_plan(tmp_path / "out")["config"]
+    assert chosen.startswith(f"chose k={plan['k']}, m={plan['m']}, norms={plan['norms'] or 'none'}")
+    manual = CliRunner().invoke(app, ["compress", str(gpt2_dir), "--k", "16", "--m", "8", "-o", str(tmp_path / "m"),
+                                      "--no-fidelity"])
+    assert manual.exit_code == 0 and "choosing" not in manual.output  # given k and m, nothing is searched
