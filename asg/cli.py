@@ -482,7 +482,7 @@ def _auto_config(dense, tokenizer, budget, max_bytes, max_kl, target_ppl_ratio, 
     options = {key: value for key, value in fit_options.items() if value is not None}
     result = select(dense, tokenizer, texts, budget=fraction, max_bytes=parse_budget(max_bytes) if max_bytes else None,
                     max_kl=max_kl, target_ppl_ratio=target_ppl_ratio, report=lambda line: typer.echo(line, err=True),
-                    **options)
+                    progress=True, **options)
     typer.echo(markdown_table(result, generative), err=True)
     typer.echo(f"chose {result.best.label}: {result.reason}", err=True)
     if not result.met_target:

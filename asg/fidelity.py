@@ -55,10 +55,35 @@ def is_generative(model) -> bool:
     return bool(getattr(model, "can_generate", lambda: False)())
 
 
+class ReferenceOutputs:
+    """The reference's outputs on one set of texts (next-token log-probabilities, or pooled embeddings),
+    computed by the first `fidelity` call that is given this object and reused by the next ones, as long as
+    they fit in `max_bytes` (what does not fit is computed again each time). Calls on other texts or
+    settings start it afresh."""
+
+    def __init__(self, max_bytes: int = 2 << 30) -> None:
+        self.max_bytes = max_bytes
+        self._key: tuple | None = None
+        self._outputs: dict[int, torch.Tensor] = {}
+        self._size = 0
+
+    def get(self, key: tuple, index: int, compute) -> torch.Tensor:
+        if key != self._key:
+            self._key, self._outputs, self._size = key, {}, 0
+        if index in self._outputs:
+            return self._outputs[index]
+        value = compute()
+        size = value.numel() * value.element_size()
+        if self._size + size <= self.max_bytes:
+            self._outputs[index], self._size = value, self._size + size
+        return value
+
+
 @torch.no_grad()
 def fidelity(model, reference, tokenizer, texts: list[str], *, batch_size: int = 8, max_length: int = 128,
-             progress: bool = False) -> dict[str, Any]:
-    """Compare `model` with `reference` on `texts`; the metrics depend on whether the reference generates text."""
+             progress: bool = False, cache: ReferenceOutputs | None = None) -> dict[str, Any]:
+    """Compare `model` with `reference` on `texts`; the metrics depend on whether the reference generates text.
+    Given `cache`, the reference's outputs are computed once for several models compared on the same texts."""
     if not texts:
         raise ValueError("no texts to measure fidelity on")
     model.eval()
@@ -70,14 +95,17 @@ def fidelity(model, reference, tokenizer, texts: list[str], *, batch_size: int =
     generative = is_generative(reference)
     sums = dict.fromkeys(("kl", "agree", "nll", "ref_nll", "tokens"), 0.0)
     cosines = []
-    for batch in tqdm(batches, desc="fidelity", unit="batch", disable=not progress):
+    cache_key = (id(reference), tuple(texts), batch_size, max_length)
+    for index, batch in enumerate(tqdm(batches, desc="fidelity", unit="batch", disable=not progress)):
         enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
         enc = {key: value.to(_device(model)) for key, value in enc.items() if key in ("input_ids", "attention_mask")}
+        compute = (lambda: _reference_log_probs(reference, enc)) if generative else (lambda: _pooled(reference, enc))
+        outputs = compute() if cache is None else cache.get(cache_key, index, compute)
         if generative:
-            for key, value in _generative_sums(model, reference, enc).items():
-                sums[key] += value
+            for name, value in _generative_sums(model, outputs, enc, reference).items():
+                sums[name] += value
         else:
-            cosines.append(_pooled_cosines(model, reference, enc))
+            cosines.append(F.cosine_similarity(_pooled(model, enc), outputs, dim=-1))
     if generative:
         count = sums["tokens"]
         if not count:
@@ -90,11 +118,10 @@ def fidelity(model, reference, tokenizer, texts: list[str], *, batch_size: int =
             "texts": len(texts)}
 
 
-def _pooled_cosines(model, reference, enc) -> torch.Tensor:
-    """Cosine, text by text, between the two models' mean-pooled last hidden states."""
+def _pooled(model, enc) -> torch.Tensor:
+    """The model's mean-pooled last hidden states, text by text."""
     mask = enc["attention_mask"][..., None].float()
-    pooled = [(_last_hidden(m, enc).float() * mask).sum(1) / mask.sum(1) for m in (model, reference)]
-    return F.cosine_similarity(pooled[0], pooled[1], dim=-1)
+    return (_last_hidden(model, enc).float() * mask).sum(1) / mask.sum(1)
 
 
 def _last_hidden(model, enc) -> torch.Tensor:
@@ -103,12 +130,17 @@ def _last_hidden(model, enc) -> torch.Tensor:
     return hidden if hidden is not None else out.hidden_states[-1]
 
 
-def _generative_sums(model, reference, enc) -> dict[str, float]:
-    """Sums over the scored positions of KL(reference || model), top-1 agreement and both models' NLL."""
+def _reference_log_probs(reference, enc) -> torch.Tensor:
+    encoder_decoder = bool(getattr(reference.config, "is_encoder_decoder", False))
+    return torch.log_softmax(next_token_logits(reference, enc, encoder_decoder), -1)
+
+
+def _generative_sums(model, log_q: torch.Tensor, enc, reference) -> dict[str, float]:
+    """Sums over the scored positions of KL(reference || model), top-1 agreement and both models' NLL, from
+    the reference's next-token log-probabilities `log_q`."""
     encoder_decoder = bool(getattr(reference.config, "is_encoder_decoder", False))
     valid, targets = next_token_positions(enc, encoder_decoder)
-    logits = [next_token_logits(m, enc, encoder_decoder) for m in (model, reference)]
-    log_p, log_q = (torch.log_softmax(x, -1) for x in logits)
+    log_p = torch.log_softmax(next_token_logits(model, enc, encoder_decoder), -1)
     kl = next_token_kl(log_p, log_q)
     nll = -log_p.gather(-1, targets[..., None])[..., 0]
     ref_nll = -log_q.gather(-1, targets[..., None])[..., 0]

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from .config import ASGConfig
-from .fidelity import fidelity, is_generative
+from .fidelity import ReferenceOutputs, fidelity, is_generative
 from .format import NORM_MODES
 from .modules import ASGEmbedding
 from .surgery import compress
@@ -87,9 +87,10 @@ def _cost(config: ASGConfig, vocab_size: int, dim: int) -> tuple[float, float]:
 def select(model, tokenizer, texts: list[str], *, budget: float = 0.01, by: str = "params",
            max_bytes: float | None = None, widths=WIDTHS, norm_modes=NORM_MODES, max_kl: float | None = None,
            target_ppl_ratio: float | None = None, min_cosine: float | None = None,
-           report: Callable[[str], None] | None = None, **fit_options) -> Selection:
+           report: Callable[[str], None] | None = None, progress: bool = False, **fit_options) -> Selection:
     """Fit and score every candidate on a copy of `model` (left unchanged) and choose one; `report`
-    receives a line per trial as it finishes, with the time left."""
+    receives a line per trial as it finishes, with the time left; `progress` shows each fit and
+    measurement as it runs."""
     dim = model.get_input_embeddings().weight.shape[1]
     vocab_size = model.get_input_embeddings().weight.shape[0]
     trials = candidates(vocab_size, dim, budget=budget, by=by, max_bytes=max_bytes, widths=widths,
@@ -99,6 +100,7 @@ def select(model, tokenizer, texts: list[str], *, budget: float = 0.01, by: str 
         raise ValueError(f"no ASG setting fits {budget:.2%} of the table's {by}{cap} at concept widths "
                          f"{list(widths)}; raise --budget")
     generative = is_generative(model)
+    cache = ReferenceOutputs()  # the original's outputs, computed once for all trials
     fitted: tuple[tuple[int, int], Any, float] | None = None  # the last (k, m), fitted without norms; seconds
     start = time.perf_counter()
     for done, trial in enumerate(trials, start=1):
@@ -107,11 +109,11 @@ def select(model, tokenizer, texts: list[str], *, budget: float = 0.01, by: str 
             fitted = None  # one compressed copy at a time
             candidate = copy.deepcopy(model)
             began = time.perf_counter()
-            compress(candidate, dataclasses.replace(trial.config, norms=None), tokenizer=tokenizer, progress=False)
+            compress(candidate, dataclasses.replace(trial.config, norms=None), tokenizer=tokenizer, progress=progress)
             fitted = (key, candidate, time.perf_counter() - began)
         trial.fit_seconds = fitted[2]
         scored = _with_norms(fitted[1], model, trial.config.norms)
-        trial.scores = fidelity(scored, model, tokenizer, texts)
+        trial.scores = fidelity(scored, model, tokenizer, texts, progress=progress, cache=cache)
         if report is not None:
             left = (time.perf_counter() - start) / done * (len(trials) - done)
             report(f"[{done}/{len(trials)}] {trial.label}: {_score_text(trial, generative)} "

@@ -91,3 +91,26 @@ def test_compress_measures_its_way_to_settings_for_a_generative_model(gpt2_dir, 
     manual = CliRunner().invoke(app, ["compress", str(gpt2_dir), "--k", "16", "--m", "8", "-o", str(tmp_path / "m"),
                                       "--no-fidelity"])
     assert manual.exit_code == 0 and "choosing" not in manual.output  # given k and m, nothing is searched
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_the_reference_outputs_are_computed_once_and_give_the_same_scores(arch, gpt2_dir):
+    from asg.fidelity import ReferenceOutputs
+
+    reference = build(arch)
+    tokenizer = tf.AutoTokenizer.from_pretrained(gpt2_dir)
+    tokenizer.pad_token = tokenizer.pad_token or "[PAD]"
+    cache, texts = ReferenceOutputs(), sentences(20)
+    models = [copy.deepcopy(reference) for _ in range(3)]
+    calls = []
+    reference.register_forward_hook(lambda *args: calls.append(1))
+    for k, model in zip((8, 16, 32), models):
+        asg.compress(model, asg.ASGConfig(k=k, m=8), progress=False)
+    plain = [fidelity(model, reference, tokenizer, texts) for model in models]
+    calls.clear()
+    cached = [fidelity(model, reference, tokenizer, texts, cache=cache) for model in models]
+    for got, want in zip(cached, plain):  # equal up to the head's path choice (lookups or matmul) between calls
+        assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], rel=1e-5) for k in got)
+    assert len(calls) == 3  # one batch of 8, 8 and 4 texts: the reference ran once per batch, for all three models
+    fidelity(models[0], reference, tokenizer, texts[:5], cache=cache)  # other texts: computed afresh
+    assert len(calls) == 4
