@@ -283,7 +283,11 @@ def packed_layout(plan: dict[str, Any]) -> dict[str, dict[str, Any]]:
     name it is stored under at each place of its table (see `asg.format.packed_layout`)."""
     layout = {}
     for table, entry in plan["tables"].items():
-        empty = CompressedEmbedding.from_spec(entry, device="meta")
+        try:
+            empty = CompressedEmbedding.from_spec(entry, device="meta")
+        except (TypeError, ValueError, KeyError, RuntimeError, OverflowError, ZeroDivisionError) as err:
+            raise ValueError(f"the asg section's tables.{table} does not describe a table ({err}); the checkpoint "
+                             "is damaged, save it again") from None
         for location in entry["locations"]:
             prefix = f"{location}.embedding." if table == "output" else f"{location}."
             for name, count in empty.index_tables().items():

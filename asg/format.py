@@ -336,6 +336,8 @@ def _validate_table(name: str, entry: Any, fail) -> None:
         for key in ("tied", "bias"):
             if not isinstance(entry.get(key), bool):
                 fail(f"{field}.{key}", "must be true or false")
+    if entry.get("kind") == "sg" and (not _is_int(entry.get("num_groups")) or entry["num_groups"] < 1):
+        fail(f"{field}.num_groups", f"must be a positive integer, got {_short(entry.get('num_groups'))}")
     group = entry.get("group_size")
     if group is not None and (not _is_int(group) or group < 1 or entry["embedding_dim"] % group):
         fail(f"{field}.group_size", f"must be null or a positive divisor of embedding_dim, got {_short(group)}")

@@ -220,6 +220,18 @@ def test_a_damaged_asg_section_names_the_field(change, message, tmp_path):
         asg.from_pretrained(folder)
 
 
+@pytest.mark.parametrize("config, field, value, message", [
+    (asg.baselines.SGConfig(ratio=0.2), "num_groups", "x", "tables.input.num_groups must be a positive integer"),
+    (asg.baselines.ScalarConfig(bits=4, group_size=8), "group_size", 0, "tables.input.group_size must be null or a"),
+    (asg.baselines.ScalarConfig(bits=4, group_size=8), "group_size", 5, "tables.input.group_size must be null or a"),
+])
+def test_a_damaged_baseline_table_names_the_field(config, field, value, message, tmp_path):
+    _, folder = saved(tmp_path, config=config)
+    edit_config(folder, lambda c: c["asg"]["tables"]["input"].__setitem__(field, value))
+    with pytest.raises(ValueError, match=message):
+        asg.from_pretrained(folder)
+
+
 def test_a_config_that_is_not_an_object_is_a_clear_error(tmp_path):
     _, folder = saved(tmp_path)
     (folder / "config.json").write_text("[1, 2, 3]")
