@@ -14,7 +14,10 @@ against embedding parameters.
       - {name: Base}
       - {name: 40% SG, method: sg, budget: 40%}
       - {name: ASG (k=256, m=96), method: asg, k: 256, m: 96}
+      - {name: ASG small batch, method: asg, k: 256, m: 96, hyperparameters: {batch_size: 4, epochs: 5}}
     output: results/minilm-toy-ner
+
+A run's own `hyperparameters` override the experiment's for that run.
 
 Finished runs are reused when the experiment runs again (pass overwrite to redo them).
 """
@@ -61,9 +64,13 @@ def load_experiment(path: str | os.PathLike) -> dict[str, Any]:
     names = [r["name"] for r in spec["runs"]]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: run names must be unique, got {names}")
-    bad = sorted(set(spec.get("hyperparameters") or {}) - HYPERPARAMETERS)
-    if bad:
-        raise ValueError(f"{path}: unknown hyperparameter(s) {bad}; known ones are {sorted(HYPERPARAMETERS)}")
+    for where in [spec, *spec["runs"]]:
+        given = where.get("hyperparameters") or {}
+        bad = sorted(set(given) - HYPERPARAMETERS) if isinstance(given, dict) else ["(not a mapping)"]
+        if bad:
+            raise ValueError(f"{path}: unknown hyperparameter(s) {bad}"
+                             + (f" in run {where['name']!r}" if where is not spec else "")
+                             + f"; known ones are {sorted(HYPERPARAMETERS)}")
     spec.setdefault("name", path.stem)
     spec.setdefault("output", str(Path("results") / spec["name"]))
     return spec
@@ -79,13 +86,14 @@ def run_experiment(path: str | os.PathLike, *, overwrite: bool = False, progress
         if (folder / "metrics.json").exists() and not overwrite:
             metrics = json.loads((folder / "metrics.json").read_text())
         else:
-            compression = {k: v for k, v in run.items() if k != "name"} or None
+            compression = {k: v for k, v in run.items() if k not in ("name", "hyperparameters")} or None
+            hyperparameters = {**(spec.get("hyperparameters") or {}), **(run.get("hyperparameters") or {})}
             model = spec.get("model")
             settings = FinetuneSettings(
                 task=spec["task"], output=str(folder), model=None if model in (None, "default") else model,
                 train_files=list(spec.get("train_files") or []), eval_files=list(spec.get("eval_files") or []),
                 train_lang=spec.get("train_lang", "en"), eval_langs=spec.get("eval_langs"),
-                compression=compression, **(spec.get("hyperparameters") or {}))
+                compression=compression, **hyperparameters)
             metrics = finetune(settings, FinetuneRuntime(overwrite=True, progress=progress))
         rows.append(_row(run["name"], metrics))
     add_percent_of_base(rows)

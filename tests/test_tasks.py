@@ -157,6 +157,19 @@ def test_finetuning_learns_and_reports_one_row_per_language(bert_dir, nli_files,
     assert evaluate(run, progress=False)["results"] == again["results"]
 
 
+def test_a_run_with_too_few_optimizer_steps_says_so_before_training(bert_dir, nli_files, tmp_path, capsys):
+    train, test = nli_files  # 300 training examples: the paper's batch of 128 for 2 epochs is 6 steps
+    finetune(FinetuneSettings(task="nli", output=str(tmp_path / "run"), model=bert_dir, train_files=[train],
+                              eval_files=[f"en={test}"], max_length=16), QUIET)
+    err = capsys.readouterr().err
+    assert "training on 300 examples, batch 128 x 1 process(es), 2 epochs: 6 optimizer steps" in err
+    assert ("warning: only 6 optimizer steps: usually too few to learn the task. Use a smaller batch "
+            "(--batch-size 4 gives 150 steps) or more epochs (--epochs 34)") in err
+    finetune(FinetuneSettings(task="nli", output=str(tmp_path / "ok"), model=bert_dir, train_files=[train],
+                              eval_files=[test], max_length=16, batch_size=4, max_steps=2), QUIET)
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_paper_hyperparameters_are_the_defaults(bert_dir, nli_files, tmp_path):
     train, test = nli_files
     summary = finetune(FinetuneSettings(task="nli", output=str(tmp_path / "run"), model=bert_dir, train_files=[train],
@@ -277,6 +290,7 @@ runs:
   - {{name: Base}}
   - {{name: ASG (k=16 m=8), method: asg, k: 16, m: 8}}
   - {{name: SG, method: sg, budget: 40%}}
+  - {{name: SG small batch, method: sg, budget: 40%, hyperparameters: {{batch_size: 8, max_steps: 3}}}}
 output: {tmp_path / "out"}
 """)
     result = CliRunner().invoke(app, ["experiment", str(spec)])
@@ -288,6 +302,8 @@ output: {tmp_path / "out"}
     assert rows[1]["embedding_percent"] == pytest.approx(100 * 16 * 32 / (211 * 32))
     assert rows[1]["percent_of_base"] == pytest.approx(100 * rows[1]["score"] / rows[0]["score"])
     assert (tmp_path / "out" / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    own = json.loads((tmp_path / "out" / "runs" / "sg-small-batch" / "settings.json").read_text())["settings"]
+    assert (own["batch_size"], own["max_steps"], own["learning_rate"]) == (8, 3, 3.0e-3)  # the run's own, then the experiment's
     mtime = (tmp_path / "out" / "runs" / "base" / "metrics.json").stat().st_mtime
     run_experiment(spec, progress=False)  # finished runs are reused
     assert (tmp_path / "out" / "runs" / "base" / "metrics.json").stat().st_mtime == mtime
@@ -299,6 +315,9 @@ def test_bad_experiment_files(tmp_path):
     assert result.exit_code == 2 and "unknown key(s) ['modle']" in result.stderr
     (tmp_path / "b.yaml").write_text("task: ner\nruns: [{name: x}, {name: x}]\n")
     assert "run names must be unique" in CliRunner().invoke(app, ["experiment", str(tmp_path / "b.yaml")]).stderr
+    (tmp_path / "c.yaml").write_text("task: ner\nruns: [{name: x, hyperparameters: {batch: 4}}]\n")
+    assert "unknown hyperparameter(s) ['batch'] in run 'x'" in CliRunner().invoke(
+        app, ["experiment", str(tmp_path / "c.yaml")]).stderr
 
 
 def test_finetune_and_evaluate_commands(bert_dir, nli_files, tmp_path):

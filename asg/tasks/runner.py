@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import statistics
@@ -105,6 +106,8 @@ def finetune(settings: FinetuneSettings, runtime: FinetuneRuntime | None = None)
     trainer = _trainer(model, tokenizer, task.family, seq2seq, resolved, run / "checkpoints",
                        _encode(task.family, tokenizer, train, labels, settings.max_length, seq2seq, True), runtime)
     checkpoint = get_last_checkpoint(str(run / "checkpoints")) if (run / "checkpoints").is_dir() else None
+    if trainer.is_world_process_zero():
+        _announce_steps(len(train), resolved, trainer.args.world_size)
     recorded = {"settings": resolved.to_dict(), "seq2seq": seq2seq,
                 "cross_lingual": any(lang != settings.train_lang for lang in evals)}
     if trainer.is_world_process_zero():
@@ -253,6 +256,33 @@ def _resolve(task, settings: FinetuneSettings, seq2seq: bool, evals: dict) -> Fi
     lr = settings.learning_rate or (registry.SEQ2SEQ_LEARNING_RATE if seq2seq else task.learning_rate)
     epochs = settings.epochs or (registry.CROSS_LINGUAL_EPOCHS if cross_lingual else registry.EPOCHS)
     return replace(settings, learning_rate=lr, epochs=epochs, eval_langs=sorted(evals))
+
+
+#: fewer optimizer steps than this rarely move a pretrained model far enough to learn a task
+MIN_STEPS = 100
+
+
+def optimizer_steps(examples: int, settings: FinetuneSettings, world_size: int = 1) -> int:
+    """The optimizer steps a run takes: `max_steps`, or ⌈examples / (batch size × processes)⌉ per epoch."""
+    if settings.max_steps:
+        return settings.max_steps
+    per_epoch = math.ceil(examples / (settings.batch_size * max(1, world_size)))
+    return math.ceil(per_epoch * settings.epochs)
+
+
+def _announce_steps(examples: int, settings: FinetuneSettings, world_size: int) -> None:
+    """Say before training how many optimizer steps the run takes, and warn when they are too few to learn."""
+    steps = optimizer_steps(examples, settings, world_size)
+    print(f"asg: training on {examples} examples, batch {settings.batch_size} x {world_size} process(es), "
+          f"{settings.epochs:g} epochs: {steps} optimizer steps (no warmup)", file=sys.stderr)
+    if steps < MIN_STEPS and not settings.max_steps:
+        batch = max(1, 2 ** int(math.log2(max(1, examples * settings.epochs / (MIN_STEPS * max(1, world_size))))))
+        epochs = math.ceil(MIN_STEPS / max(1, math.ceil(examples / (settings.batch_size * max(1, world_size)))))
+        message = (f"only {steps} optimizer steps: usually too few to learn the task. Use a smaller batch "
+                   f"(--batch-size {batch} gives {optimizer_steps(examples, replace(settings, batch_size=batch), world_size)}"
+                   f" steps) or more epochs (--epochs {epochs}), or more training data")
+        logger.warning(message)
+        print(f"asg: warning: {message}", file=sys.stderr)
 
 
 def _trainer(model, tokenizer, family, seq2seq: bool, settings: FinetuneSettings, checkpoints: Path, train_features,
