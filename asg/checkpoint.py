@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import atomic, bitpack, format as fmt
+from .card import CARD_NAME, model_card
 from .format import CONFIG_NAME, FORMAT_VERSION, INDEX_NAME, WEIGHTS_NAME, adapt_plan, renamer, write_notice_index
 from .loading import TOKENIZER_FILES, architecture_class
 from .modules import CompressedEmbedding
@@ -31,13 +32,17 @@ logger = logging.getLogger(__name__)
 PACKAGE_FILES = (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME, "generation_config.json", *TOKENIZER_FILES)
 
 
-def save_pretrained(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, overwrite: bool = True) -> Path:
-    """Write a compressed model (and optionally its tokenizer) to the folder `path`, atomically.
+def save_pretrained(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, overwrite: bool = True,
+                    fidelity: dict[str, Any] | None = None) -> Path:
+    """Write a compressed model (and optionally its tokenizer) to the folder `path`, atomically, with a
+    model card (README.md; `fidelity`, an `asg.fidelity.fidelity` row, goes into it).
 
     An existing ASG folder at `path` is replaced (`overwrite=False` refuses instead, also when another
-    process creates the folder meanwhile); files in it that asg did not write are kept. Same model,
-    same files: every file's bytes depend only on what is saved.
+    process creates the folder meanwhile); files in it that asg did not write are kept, a README.md of
+    the user's included (no card is written over it). Same model, same files: every file's bytes depend
+    only on what is saved.
     """
+    user_card = (Path(path) / CARD_NAME).exists() and CARD_NAME not in atomic.files_written(Path(path), set(PACKAGE_FILES))
     plan = getattr(getattr(model, "config", None), "asg", None)
     if not plan or not is_compressed(model):
         raise ValueError("this model is not ASG-compressed; call asg.compress(model, asg.ASGConfig(...)) first")
@@ -60,6 +65,8 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, tokenizer=None
         write_notice_index(tmp, sorted(tensors))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if not user_card:
+            (tmp / CARD_NAME).write_text(model_card(written_plan, type(model).__name__, fidelity), encoding="utf-8")
 
     return atomic.write_folder(path, fill, overwrite=overwrite, check_replaceable=check_replaceable,
                                legacy_names=PACKAGE_FILES)

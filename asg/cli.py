@@ -136,14 +136,17 @@ def compress(
                                 backend=backend, seed=seed, niter=niter, weights=weights, norms=norms, dtype=dtype)
     reference = copy.deepcopy(dense) if fidelity and tokenizer is not None else None
     report = compress_model(dense, config, tokenizer=tokenizer, progress=True)
-    _written.append(save_pretrained(dense, output, tokenizer=tokenizer, overwrite=overwrite))
-    typer.echo(str(report))
-    typer.echo(f"wrote {output}" + ("" if tokenizer is not None else " (the source had no tokenizer; inspect needs one)"))
-    if reference is not None:
+    measured = None
+    if reference is not None:  # measured before saving, so that the model card holds it
         from .fidelity import fidelity as measure, read_texts
 
         texts = read_texts()
-        _print_fidelity([("compressed", measure(dense, reference, tokenizer, texts))], len(texts), "built-in sentences")
+        measured = measure(dense, reference, tokenizer, texts)
+    _written.append(save_pretrained(dense, output, tokenizer=tokenizer, overwrite=overwrite, fidelity=measured))
+    typer.echo(str(report))
+    typer.echo(f"wrote {output}" + ("" if tokenizer is not None else " (the source had no tokenizer; inspect needs one)"))
+    if measured is not None:
+        _print_fidelity([("compressed", measured)], len(texts), "built-in sentences")
 
 
 @app.command()

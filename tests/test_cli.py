@@ -96,6 +96,31 @@ def test_norms_option_stores_one_length_per_token(model_dir, tmp_path):
     assert not (tmp_path / "sg").exists() and not (tmp_path / "bad").exists()
 
 
+def test_a_compressed_folder_carries_a_model_card(compressed_dir, model_dir, tmp_path):
+    card = (compressed_dir / "README.md").read_text()
+    front = card.split("---")[1]
+    assert 'library_name: "transformers"' in front and '"asg"' in front and "base_model" not in front  # a local source
+    assert "ASG (k=16, m=8, codebook=separate)" in card
+    disk = 16 * HIDDEN * 4 + VOCAB * 8 * 4 // 8
+    assert f"| input + tied head | {VOCAB:,} x {HIDDEN} | {16 * HIDDEN:,} ({100 * 16 / VOCAB:.2f}%) | {disk:,} " in card
+    assert "mean cosine" in card and "## How to load" in card and "import asg" in card
+    assert 'transformers.BertForMaskedLM.from_pretrained("path/to/this/folder")' in card
+    # a README.md of the user's in the output folder is kept, and no card is written over it: here the user's
+    # own in a folder of an asg that wrote no cards (its manifest does not list README.md)
+    out = tmp_path / "mine"
+    assert run("compress", str(model_dir), "--k", "16", "--m", "8", "-o", str(out), "--no-fidelity").exit_code == 0
+    manifest = json.loads((out / "asg-files.json").read_text())
+    manifest["files"].remove("README.md")
+    (out / "asg-files.json").write_text(json.dumps(manifest))
+    (out / "README.md").write_text("my notes")
+    result = run("compress", str(model_dir), "--k", "16", "--m", "8", "-o", str(out), "--overwrite", "--no-fidelity")
+    assert result.exit_code == 0, result.output
+    assert (out / "README.md").read_text() == "my notes"
+    again = run("compress", str(model_dir), "--k", "16", "--m", "8", "-o", str(compressed_dir.parent / "again"),
+                "--no-fidelity")
+    assert again.exit_code == 0 and "## Fidelity" not in (compressed_dir.parent / "again" / "README.md").read_text()
+
+
 def test_info_shows_the_parameter_table(compressed_dir):
     result = run("info", str(compressed_dir))
     assert result.exit_code == 0, result.output

@@ -380,11 +380,14 @@ def test_ctrl_c_after_the_output_was_written_says_so(tmp_path, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("asg.fidelity.fidelity", interrupt)
+    monkeypatch.setattr("asg.cli._print_fidelity", interrupt)  # after the folder, whose card holds the fidelity
     result = CliRunner().invoke(app, ["compress", str(source), "--k", "16", "--m", "8", "-o", str(tmp_path / "out")])
     assert result.exit_code == 130
     assert f"interrupted; {tmp_path / 'out'} was written completely before that" in result.stderr
     assert asg.read_plan(tmp_path / "out")
+    monkeypatch.setattr("asg.fidelity.fidelity", interrupt)  # before it: nothing is written
+    result = CliRunner().invoke(app, ["compress", str(source), "--k", "16", "--m", "8", "-o", str(tmp_path / "b")])
+    assert result.exit_code == 130 and not (tmp_path / "b").exists()
 
 
 def test_ctrl_c_while_torch_is_importing_exits_130_without_a_traceback(tmp_path):
