@@ -21,7 +21,7 @@ import torch
 
 from .config import ASGConfig
 from .fidelity import ReferenceOutputs, fidelity, is_generative
-from .format import NORM_MODES
+from .format import NORM_MODES, STORAGE_DTYPES
 from .modules import ASGEmbedding
 from .surgery import compress
 
@@ -80,7 +80,7 @@ def candidates(vocab_size: int, dim: int, *, budget: float, by: str = "params", 
 def _cost(config: ASGConfig, vocab_size: int, dim: int) -> tuple[float, float]:
     """(parameters, bytes on disk) as fractions of the dense table's parameters and float32 bytes."""
     table = ASGEmbedding(vocab_size, dim, config.k, config.m, norms=config.norms, device="meta")
-    table.storage_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype)
+    table.storage_dtype = STORAGE_DTYPES.get(config.dtype)
     return table.value_count() / (vocab_size * dim), table.disk_bytes() / (vocab_size * dim * 4)
 
 
