@@ -361,13 +361,15 @@ def calibrate(
                                                        "the calibration text, none lost on other text."),
     batch_size: int = typer.Option(16, "--batch-size"),
     max_length: int = typer.Option(128, "--max-length", help="Tokens per text."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Measure fidelity before and after (four passes "
+                                                                   "over the held-out texts; the original runs once)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it is an existing ASG checkpoint."),
 ) -> None:
     """Train only the codebooks so that the compressed model reproduces the original on unlabelled text."""
     from .calibration import CalibrationConfig, default_corpus, split_heldout
     from .calibration import calibrate as run_calibration
     from .checkpoint import from_pretrained, save_pretrained
-    from .fidelity import fidelity as measure, read_texts
+    from .fidelity import ReferenceOutputs, fidelity as measure, read_texts
     from .loading import load_tokenizer
 
     _check_output(output, overwrite)
@@ -379,17 +381,25 @@ def calibrate(
     model = from_pretrained(path)
     tokenizer = load_tokenizer(path, required=True)
     dense = _reference_model(path, reference)
-    before = [measure(model, dense, tokenizer, part) for part in (heldout, held)]
+    caches = (ReferenceOutputs(), ReferenceOutputs())  # the original's outputs, shared by before and after
+
+    def reports() -> list[dict]:
+        return [measure(model, dense, tokenizer, part, progress=True, cache=cache)
+                for part, cache in zip((heldout, held), caches)] if report else []
+
+    before = reports()
     config = CalibrationConfig(steps=steps, lr=lr, batch_size=batch_size, max_length=max_length, anchor=anchor)
     result = run_calibration(model, dense, texts, tokenizer=tokenizer, config=config, heldout=heldout)
-    _written.append(save_pretrained(model, output, tokenizer=tokenizer, overwrite=overwrite))
+    after = reports()
+    _written.append(save_pretrained(model, output, tokenizer=tokenizer, overwrite=overwrite,
+                                    fidelity=after[1] if after else None))
     typer.echo(f"calibrated on {len(texts):,} texts: held-out distillation loss {result.heldout_before:.4g} -> "
                f"{result.heldout_after:.4g} (best at step {result.best_step} of {result.steps})")
-    after = [measure(model, dense, tokenizer, part) for part in (heldout, held)]
-    _print_fidelity([("before calibration", before[0]), ("after calibration", after[0])], len(heldout),
-                    "the calibration text's held-out part")
-    _print_fidelity([("before calibration", before[1]), ("after calibration", after[1])], len(held),
-                    str(eval_text) if eval_text else "built-in sentences")
+    if report:
+        _print_fidelity([("before calibration", before[0]), ("after calibration", after[0])], len(heldout),
+                        "the calibration text's held-out part")
+        _print_fidelity([("before calibration", before[1]), ("after calibration", after[1])], len(held),
+                        str(eval_text) if eval_text else "built-in sentences")
     typer.echo(f"wrote {output}")
 
 

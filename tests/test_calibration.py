@@ -216,6 +216,11 @@ def test_calibrate_and_fidelity_commands(compressed_folder):
 
     measured = fidelity(model, reference, AutoTokenizer.from_pretrained(tmp / "bert"), read_texts(tmp / "held.txt"))
     assert measured["mean_cosine"] == pytest.approx(after, abs=1e-4)
+    assert f"mean cosine {after:.4f}" in (tmp / "cal" / "README.md").read_text()  # the card holds it too
+    quiet = CliRunner().invoke(app, ["calibrate", str(tmp / "asg"), "--text", str(tmp / "train.txt"), "--steps", "5",
+                                     "--no-report", "-o", str(tmp / "cal-quiet")])
+    assert quiet.exit_code == 0, quiet.output
+    assert "before calibration" not in quiet.stdout and "calibrated on" in quiet.stdout
 
 
 def test_calibrate_errors(compressed_folder):
