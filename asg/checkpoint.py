@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import atomic, bitpack, format as fmt
+from . import atomic, format as fmt
 from .card import CARD_NAME, model_card
 from .format import CONFIG_NAME, FORMAT_VERSION, INDEX_NAME, WEIGHTS_NAME, adapt_plan, renamer, write_notice_index
 from .loading import TOKENIZER_FILES, architecture_class
@@ -61,7 +61,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, tokenizer=None
         metadata = {"format": "pt", "asg_format_version": str(FORMAT_VERSION),
                     "asg_aliases": json.dumps(aliases, sort_keys=True)}
         fmt.write_weights(tmp / WEIGHTS_NAME, tensors, metadata, plan=written_plan, digests=digests,
-                          packed=_index_tables(model, tensors))
+                          packed=_index_bits(model, tensors))
         write_notice_index(tmp, sorted(tensors))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -141,23 +141,20 @@ def check_loaded_from(model: nn.Module, path: str | os.PathLike) -> None:
     if not weights.is_file():
         return  # sharded or remote: transformers has read it; the tables' values are still validated
     plan = read_plan(path)
-    fmt.check_plan_digest(fmt.read_metadata(weights), plan, path)
-    stored = fmt.stored_types(weights, packed_layout(plan))
-    for table, entry in plan["tables"].items():
-        empty = CompressedEmbedding.from_spec(entry, device="meta")  # the types the recorded table holds
-        for location in entry["locations"]:
-            prefix = f"{location}.embedding." if table == "output" else f"{location}."
-            for name, tensor in empty.state_dict().items():
-                kind = stored.get(prefix + name)
-                if kind is not None and not tensor.is_floating_point() and kind != fmt.type_name(tensor.dtype):
-                    raise ValueError(f"{weights}: tensor {prefix + name!r} is stored as {kind}, but it must be "
-                                     f"{fmt.type_name(tensor.dtype)}; the checkpoint is damaged, save it again")
-    _check_unpacked(model, weights)
-
-
-def _check_unpacked(model: nn.Module, weights: Path) -> None:
-    """Each index table that transformers unpacked (asg.hf) has the digest recorded when it was written."""
     metadata = fmt.read_metadata(weights)
+    fmt.check_plan_digest(metadata, plan, path)
+    stored = fmt.stored_types(weights, packed_layout(plan))
+    for prefix, empty in _stored_tables(plan):  # the types the recorded tables hold
+        for name, tensor in empty.state_dict().items():
+            kind = stored.get(prefix + name)
+            if kind is not None and not tensor.is_floating_point() and kind != fmt.type_name(tensor.dtype):
+                raise ValueError(f"{weights}: tensor {prefix + name!r} is stored as {kind}, but it must be "
+                                 f"{fmt.type_name(tensor.dtype)}; the checkpoint is damaged, save it again")
+    _check_unpacked(model, weights, metadata)
+
+
+def _check_unpacked(model: nn.Module, weights: Path, metadata: dict[str, str]) -> None:
+    """Each index table that transformers unpacked (asg.hf) has the digest recorded when it was written."""
     packed = fmt.packed_layout(metadata, weights)  # recorded by our writer, which records digests too
     digests = fmt.recorded_digests(metadata, weights)
     if not packed or digests is None:
@@ -289,6 +286,16 @@ def packed_layout(plan: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The layout of every index table a folder with this (checked) `asg` section stores packed, by the
     name it is stored under at each place of its table (see `asg.format.packed_layout`)."""
     layout = {}
+    for prefix, empty in _stored_tables(plan):
+        for name, bits in empty.index_bits().items():
+            buffer = getattr(empty, name)
+            layout[prefix + name] = {"shape": list(buffer.shape), "bits": bits, "dtype": fmt.type_name(buffer.dtype)}
+    return layout
+
+
+def _stored_tables(plan: dict[str, Any]):
+    """(state-dict prefix, empty module on the meta device) for every place where a (checked) `asg` section
+    puts a compressed table: what a weights file may store there."""
     for table, entry in plan["tables"].items():
         try:
             empty = CompressedEmbedding.from_spec(entry, device="meta")
@@ -296,12 +303,7 @@ def packed_layout(plan: dict[str, Any]) -> dict[str, dict[str, Any]]:
             raise ValueError(f"the asg section's tables.{table} does not describe a table ({err}); the checkpoint "
                              "is damaged, save it again") from None
         for location in entry["locations"]:
-            prefix = f"{location}.embedding." if table == "output" else f"{location}."
-            for name, count in empty.index_tables().items():
-                buffer = getattr(empty, name)
-                layout[prefix + name] = {"shape": list(buffer.shape), "bits": bitpack.bits_for(count),
-                                         "dtype": fmt.type_name(buffer.dtype)}
-    return layout
+            yield (f"{location}.embedding." if table == "output" else f"{location}."), empty
 
 
 def _in_storage_dtype(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -316,16 +318,16 @@ def _in_storage_dtype(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dic
     return cast
 
 
-def _index_tables(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
-    """{stored name: how many values its entries index} of every index table (ASG codes, SG groups) in `tensors`."""
-    counts = {}
+def _index_bits(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """{stored name: bits per entry} of every index table (ASG codes, SG groups) in `tensors`."""
+    bits = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, CompressedEmbedding):
-            for buffer, count in module.index_tables().items():
+            for buffer, width in module.index_bits().items():
                 key = f"{name}.{buffer}" if name else buffer
                 if key in tensors:
-                    counts[key] = count
-    return counts
+                    bits[key] = width
+    return bits
 
 
 def _read_weights(path: Path, plan: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -45,7 +45,7 @@ _PLAN_DIGEST = "asg_plan_sha256"  # metadata key: SHA-256 of the config's `asg` 
 #: each under its name + PACKED_SUFFIX as a 1-D U8 tensor in asg.bitpack's layout
 PACKED = "asg_packed"
 PACKED_SUFFIX = "_packed"
-_INTEGER_TYPES = {"U8": torch.uint8, "I16": torch.int16, "U16": torch.uint16, "I32": torch.int32}
+_INTEGER_TYPES = {_DTYPES[t]: t for t in (torch.uint8, torch.int16, torch.uint16, torch.int32)}  # index tables' types
 #: In config.json's `asg` section only (never in memory): SHA-256 of the weights file's digest table, so that
 #: damage to the file's metadata (which could drop the digests) is caught from the config.
 WEIGHTS_DIGEST = "weights_sha256"
@@ -83,14 +83,13 @@ def write_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
     in a fixed order (the safetensors writer orders metadata differently from run to run), each tensor's
     SHA-256 (`digests`, from `digest_table`, of the tensors as they are in memory) and the plan's recorded
     so that a damaged file is refused on load instead of read wrongly. `packed` names the index tables to
-    store at ⌈log2 n⌉ bits, with the number n of values each one's entries index."""
+    store packed, with the bits of each one's entries."""
     metadata = {**metadata, _DIGESTS: digests if digests is not None else digest_table(tensors)}
     if packed:
         tensors = dict(tensors)
         layout = {}
-        for name, count in sorted(packed.items()):
+        for name, bits in sorted(packed.items()):
             table = tensors.pop(name)
-            bits = bitpack.bits_for(count)
             layout[name] = {"shape": list(table.shape), "bits": bits, "dtype": _DTYPES[table.dtype]}
             tensors[name + PACKED_SUFFIX] = bitpack.pack(table, bits)
         metadata[PACKED] = json.dumps(layout, sort_keys=True)

@@ -94,15 +94,14 @@ class _Unpack(ConversionOps):
     def convert(self, input_dict, model=None, full_layer_name=None, missing_keys=None, **kwargs):
         owner, _, name = full_layer_name.rpartition(".")
         module = model.get_submodule(owner)
-        if not isinstance(module, CompressedEmbedding) or name not in module.index_tables():
+        if not isinstance(module, CompressedEmbedding) or name not in module.index_bits():
             raise ValueError(f"this checkpoint stores a packed {full_layer_name!r}, which is not an index table of "
                              "the model; the checkpoint is damaged, save it again")
         packed = next(iter(input_dict.values()))
         packed = packed[0] if isinstance(packed, list) else packed
         table = getattr(module, name)
         try:
-            values = bitpack.unpack(packed.cpu(), tuple(table.shape), bitpack.bits_for(module.index_tables()[name]),
-                                    table.dtype)
+            values = bitpack.unpack(packed.cpu(), tuple(table.shape), module.index_bits()[name], table.dtype)
         except ValueError as err:
             raise ValueError(f"this checkpoint's tensor {full_layer_name!r}: {err}; save it again") from None
         return {full_layer_name: values}
@@ -118,6 +117,5 @@ class _Pack(ConversionOps):
 
     def convert(self, input_dict, model=None, full_layer_name=None, **kwargs):
         owner, _, name = full_layer_name.rpartition(".")
-        count = model.get_submodule(owner).index_tables()[name.removesuffix(PACKED_SUFFIX)]
-        return {key: bitpack.pack(value[0] if isinstance(value, list) else value, bitpack.bits_for(count))
-                for key, value in input_dict.items()}
+        bits = model.get_submodule(owner).index_bits()[name.removesuffix(PACKED_SUFFIX)]
+        return {key: bitpack.pack(value[0] if isinstance(value, list) else value, bits) for key, value in input_dict.items()}

@@ -152,6 +152,10 @@ class CompressedEmbedding(nn.Module):
         SG groups: the number of groups), which files store packed at ⌈log2 n⌉ bits (asg.bitpack)."""
         return {}
 
+    def index_bits(self) -> dict[str, int]:
+        """{buffer name: bits per entry} of the index tables as files store them: ⌈log2 n⌉."""
+        return {name: bitpack.bits_for(count) for name, count in self.index_tables().items()}
+
     def index_bytes(self) -> int:
         """Bytes of the fixed token→index tables (ASG codes, SG groups) in memory; 0 where there are none."""
         return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in self.index_tables())
@@ -162,8 +166,7 @@ class CompressedEmbedding(nn.Module):
 
     def index_bytes_on_disk(self) -> int:
         """Bytes of the index tables as an ASG folder stores them: packed at ⌈log2 n⌉ bits."""
-        return sum(bitpack.packed_size(getattr(self, name).numel(), bitpack.bits_for(count))
-                   for name, count in self.index_tables().items())
+        return sum(bitpack.packed_size(getattr(self, name).numel(), bits) for name, bits in self.index_bits().items())
 
     def disk_bytes(self) -> int:
         """Bytes of everything the module saves, as an ASG folder stores them: index tables packed, values

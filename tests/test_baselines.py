@@ -103,6 +103,7 @@ def test_int4_with_groups_is_exact_to_its_values_and_closer_than_per_row_scales(
         table = model.get_input_embeddings()
         groups = 1 if group_size is None else HIDDEN // group_size
         assert table.scale.shape == ((VOCAB,) if group_size is None else (VOCAB, groups))
+        assert table(torch.zeros(0, 3, dtype=torch.long)).shape == (0, 3, HIDDEN)  # an empty batch looks up nothing
         assert report.embedding_bytes_on_disk == 2 * (VOCAB * HIDDEN // 2 + VOCAB * groups * 4)
         weight = table.weight.detach()
         for row in (0, 7, VOCAB - 1):  # every group is its own symmetric int4 grid: at most 7 steps of its scale

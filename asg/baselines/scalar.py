@@ -90,9 +90,14 @@ class QuantizedEmbedding(CompressedEmbedding):
         return cls(spec["num_embeddings"], spec["embedding_dim"], spec["bits"], spec.get("padding_idx"),
                    embed_scale, dtype, device, spec.get("group_size"))
 
+    @property
+    def groups(self) -> int:
+        """Scales per row: D / group_size, or one."""
+        return self.embedding_dim // (self.group_size or self.embedding_dim)
+
     def _grouped(self, rows: torch.Tensor) -> torch.Tensor:
         """(..., D) as (..., groups, values per group): one group per row without `group_size`."""
-        return rows.reshape(*rows.shape[:-1], -1, self.group_size or self.embedding_dim)
+        return rows.reshape(*rows.shape[:-1], self.groups, self.embedding_dim // self.groups)
 
     def quantize_(self, rows: torch.Tensor) -> None:
         """Store `rows` (V, D): scale = max|group| / qmax for each row or group, values = round(value / scale)."""
@@ -110,8 +115,7 @@ class QuantizedEmbedding(CompressedEmbedding):
         if self.bits == 4:
             low, high = (values & 0x0F).to(torch.int8) - 8, (values >> 4).to(torch.int8) - 8
             values = torch.stack((low, high), -1).flatten(-2)[..., : self.embedding_dim]
-        if self.group_size is None:
-            return values.to(scale.dtype) * scale[..., None]
+        scale = scale.reshape(*values.shape[:-1], self.groups)  # per row: one group of D values
         return (self._grouped(values.to(scale.dtype)) * scale[..., None]).flatten(-2)
 
     @property
