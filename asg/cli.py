@@ -289,7 +289,7 @@ def compare(
 @_friendly
 def finetune(
     model: Optional[str] = typer.Argument(None, help="A model folder, hub name, .gguf file or ASG folder. Default: all-MiniLM-L6-v2."),
-    task: str = typer.Option(..., "--task", help="xnli, wikiann, tydiqa, bc5cdr (hub or local files), or nli, ner, qa (local files)."),
+    task: str = typer.Option(..., "--task", help="xnli, wikiann, tydiqa, bc5cdr, sst2 (hub or local files), or classify, nli, ner, qa (local files)."),
     output: Path = typer.Option(..., "-o", "--output", help="Run folder: settings, checkpoints, model, predictions, metrics."),
     train_file: Optional[list[str]] = typer.Option(None, "--train-file", help="Training file (repeatable). Default: the hub's train split."),
     eval_file: Optional[list[str]] = typer.Option(None, "--eval-file", help="PATH or LANG=PATH (repeatable): one result row each."),

@@ -11,9 +11,11 @@ from typer.testing import CliRunner
 import asg
 from asg.cli import app
 from asg.experiment import add_percent_of_base, markdown_table, run_experiment
-from asg.tasks import DataError, FinetuneRuntime, FinetuneSettings, evaluate, finetune, read_ner, read_nli, read_qa
+from asg.tasks import (DataError, FinetuneRuntime, FinetuneSettings, evaluate, finetune, read_classify, read_ner, read_nli,
+                       read_qa)
 from asg.tasks.families import entities
-from asg.tasks.metrics import accuracy, entity_f1, percent_of_base, span_f1, squad_scores
+from asg.tasks.metrics import accuracy, entity_f1, macro_f1, mention_f1, percent_of_base, squad_scores
+from hub_fixtures import class_label, write_dataset
 from tiny_models import write_bert_folder, write_t5_folder
 
 KEYS = {"yes": "entailment", "no": "contradiction", "maybe": "neutral"}
@@ -81,10 +83,20 @@ def test_metrics_on_hand_made_predictions():
     assert squad["f1"] == pytest.approx(200 / 3)
     partial = squad_scores(["big red dog"], [["red dog"]])  # 2 common tokens: p = 2/3, r = 1
     assert partial["exact_match"] == 0 and partial["f1"] == pytest.approx(80.0)
-    assert span_f1([{("PER", "alice")}], [{("PER", "alice"), ("LOC", "rome")}]) == {
+    assert mention_f1([[("PER", "alice")]], [[("PER", "alice"), ("LOC", "rome")]]) == {
         "f1": pytest.approx(2 / 3), "precision": 0.5, "recall": 1.0}
-    assert entities(["alice", "smith", "went", "to", "rome"], ["B-PER", "I-PER", "O", "O", "B-LOC"]) == {
-        ("PER", "alice smith"), ("LOC", "rome")}
+    # three gold mentions, two of them the same: naming each once finds 2 of 3 (F1 80), as seqeval counts
+    tags = ["B-PER", "O", "B-PER", "O", "B-LOC"]
+    gold = entities(["alice", "and", "alice", "in", "rome"], tags)
+    assert gold == [("PER", "alice"), ("PER", "alice"), ("LOC", "rome")]
+    assert mention_f1([gold], [[("PER", "alice"), ("LOC", "rome")]])["f1"] == pytest.approx(0.8)
+    assert entity_f1([tags], [["B-PER", "O", "O", "O", "B-LOC"]])["f1"] == pytest.approx(0.8)  # the encoders' count
+    assert entities(["alice", "smith", "went", "to", "rome"], ["B-PER", "I-PER", "O", "O", "B-LOC"]) == [
+        ("PER", "alice smith"), ("LOC", "rome")]
+    # per-label F1: a = 1/2 (1 hit, 2 made, 2 gold), b = 2/3 (1 hit, 2 made, 1 gold), c = 0 (never predicted)
+    assert macro_f1(["a", "b", "b", "a"], ["a", "a", "b", "c"]) == pytest.approx((1 / 2 + 2 / 3 + 0) / 3)
+    assert macro_f1(["a", "d"], ["a", "a"]) == pytest.approx((2 / 3 + 0) / 2)  # a predicted-only label counts, as 0
+    assert macro_f1(["x", "y"], ["x", "y"]) == 1.0
     assert percent_of_base(72.84, 74.79) == pytest.approx(97.39, abs=0.01)
     with pytest.raises(ValueError, match="undefined"):
         percent_of_base(1.0, 0.0)
@@ -110,7 +122,22 @@ def test_readers_accept_every_documented_format(tmp_path):
     assert flat[0]["answers"] == {"text": ["alice"], "answer_start": [0]}
 
 
+def test_classification_files_in_jsonl_csv_and_tsv(tmp_path):
+    rows = read_classify(write_jsonl(tmp_path / "a.jsonl", [{"text": "good film", "label": "pos", "lang": "en"},
+                                                             {"text": "schlecht", "label": 0}]), lang="de")
+    assert rows == [{"text": "good film", "label": "pos", "lang": "en"}, {"text": "schlecht", "label": "0", "lang": "de"}]
+    (tmp_path / "b.csv").write_text('label,text,lang\npos,"good, really",en\nneg,"a ""bad"" one",\n')
+    assert read_classify(tmp_path / "b.csv") == [{"text": "good, really", "label": "pos", "lang": "en"},
+                                                 {"text": 'a "bad" one', "label": "neg", "lang": "und"}]
+    (tmp_path / "c.tsv").write_text("text\tlabel\nok, fine\tpos\n")
+    assert read_classify(tmp_path / "c.tsv", "fr") == [{"text": "ok, fine", "label": "pos", "lang": "fr"}]
+
+
 @pytest.mark.parametrize("reader, name, content, message", [
+    (read_classify, "a.csv", "sentence,label\nx,1\n", r"a.csv, line 1: expected a header row with the columns text and label"),
+    (read_classify, "b.tsv", "text\tlabel\nx\t1\ty\n", r"b.tsv, line 2: expected 2 fields as in the header"),
+    (read_classify, "c.csv", "text,label\nx,\n", r'c.csv, line 2: expected a field "label"'),
+    (read_classify, "d.jsonl", '{"text": ["x"], "label": "a"}\n', r'd.jsonl, line 1: expected a string field "text"'),
     (read_nli, "a.jsonl", '{"premise": "a", "hypothesis": "b", "label": "x"}\nnot json\n', r"a.jsonl, line 2: expected one JSON object"),
     (read_nli, "b.jsonl", '{"premise": "a", "label": "x"}\n', r'b.jsonl, line 1: expected a string field "hypothesis"'),
     (read_ner, "c.conll", "alice\tB-PER\nwent\n", r"c.conll, line 2: expected TOKEN<TAB>TAG"),
@@ -155,6 +182,98 @@ def test_finetuning_learns_and_reports_one_row_per_language(bert_dir, nli_files,
     older["hyperparameters"] = {**older.pop("settings"), "seq2seq": False, "cross_lingual": True}
     (run / "settings.json").write_text(json.dumps(older))
     assert evaluate(run, progress=False)["results"] == again["results"]
+
+
+def classify_rows(n, lang, seed, words=4):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        key = rng.choice(list(KEYS))
+        text = rng.choices(FILL, k=words) + [key] + rng.choices(FILL, k=2)
+        rows.append({"text": " ".join(text), "label": KEYS[key], "lang": lang})
+    return rows
+
+
+def test_single_text_classification_from_local_files_and_the_hub(bert_dir, tmp_path, monkeypatch, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", classify_rows(300, "en", 0))
+    test = tmp_path / "test.csv"
+    test.write_text("text,label,lang\n" + "".join(f"{r['text']},{r['label']},{r['lang']}\n" for r in
+                                                   classify_rows(40, "en", 1) + classify_rows(30, "de", 2)))
+    long = write_jsonl(tmp_path / "long.jsonl", classify_rows(20, "fr", 3, words=40))
+    summary = finetune(FinetuneSettings(task="classify", output=str(tmp_path / "run"), model=bert_dir,
+                                        train_files=[train], eval_files=[str(test), long], learning_rate=2e-3,
+                                        epochs=10, batch_size=16, max_length=24), QUIET)
+    assert set(summary["results"]) == {"en", "de", "fr"}  # per-language rows from the records' "lang"
+    assert summary["main_metric"] == "accuracy"
+    for lang in ("en", "de"):
+        assert summary["results"][lang]["accuracy"] > 90 and summary["results"][lang]["macro_f1"] > 90  # chance: 33
+    err = capsys.readouterr().err
+    assert "20 of 20 evaluation (fr) examples are longer than 24 tokens and were cut" in err
+    assert "evaluation (de)" not in err and "training examples are longer" not in err
+    predictions = [json.loads(line) for line in (tmp_path / "run" / "predictions" / "de.jsonl").read_text().splitlines()]
+    assert macro_f1([p["prediction"] for p in predictions], [p["label"] for p in predictions]) * 100 == pytest.approx(
+        summary["results"]["de"]["macro_f1"])
+
+    # the SST-2 loader, on a copy of stanfordnlp/sst2 laid out as the hub stores it
+    def split(rows):
+        return {"idx": list(range(len(rows))), "sentence": [r["text"] for r in rows],
+                "label": [int(r["label"] == "entailment") for r in rows]}
+
+    rows = [r for r in classify_rows(400, "en", 4) if r["label"] != "neutral"]
+    write_dataset(tmp_path / "mirror", "stanfordnlp/sst2",
+                  [{"name": "idx", "dtype": "int32"}, {"name": "sentence", "dtype": "string"},
+                   {"name": "label", "dtype": class_label("negative", "positive")}],
+                  {"default": {"train": split(rows[:200]), "validation": split(rows[200:]),
+                               "test": {**split(rows[:5]), "label": [-1] * 5}}})
+    monkeypatch.setenv("ASG_DATASETS_MIRROR", str(tmp_path / "mirror"))
+    hub = finetune(FinetuneSettings(task="sst2", output=str(tmp_path / "sst2"), model=bert_dir, learning_rate=2e-3,
+                                    epochs=6, batch_size=16, max_length=24), QUIET)
+    assert hub["results"]["en"]["examples"] == len(rows) - 200  # evaluated on 'validation', whose labels are public
+    assert hub["results"]["en"]["accuracy"] > 90
+    assert json.loads((tmp_path / "sst2" / "settings.json").read_text())["labels"] == ["negative", "positive"]
+    monkeypatch.setenv("ASG_DATASETS_MIRROR", str(tmp_path / "nothing"))
+    with pytest.raises(ValueError, match="has no copy of stanfordnlp/sst2"):
+        finetune(FinetuneSettings(task="sst2", output=str(tmp_path / "none")), QUIET)
+
+
+PANX_TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC")
+
+
+def test_hub_loaders_read_copies_laid_out_as_the_hub_stores_them(tmp_path, monkeypatch):
+    from asg.tasks import hub
+
+    mirror = tmp_path / "mirror"
+    pair = {"premise": ["a cat", "ein hund"], "hypothesis": ["an animal", "eine katze"], "label": [0, 2]}
+    write_dataset(mirror, "facebook/xnli", [{"name": "premise", "dtype": "string"}, {"name": "hypothesis", "dtype": "string"},
+                                            {"name": "label", "dtype": class_label("entailment", "neutral", "contradiction")}],
+                  {lang: {"train": pair, "validation": pair, "test": pair} for lang in ("de", "en")})
+    words = {"tokens": [["alice", "in", "new", "york"]], "ner_tags": [[1, 0, 5, 6]], "langs": [["de"] * 4]}
+    write_dataset(mirror, "google/xtreme", [{"name": "tokens", "sequence": "string"},
+                                            {"name": "ner_tags", "sequence": class_label(*PANX_TAGS)},
+                                            {"name": "langs", "sequence": "string"}],
+                  {"PAN-X.de": {"train": words, "validation": words, "test": words}})
+    context = "Rome is the capital of Italy."
+    qa = {"id": ["english-1", "finnish-2"], "title": ["Rome", "Rooma"], "context": [context, context],
+          "question": ["What is the capital of Italy?", "Mikä?"],
+          "answers": [{"text": ["Rome"], "answer_start": [0]}, {"text": ["Italy"], "answer_start": [23]}]}
+    write_dataset(mirror, "google-research-datasets/tydiqa",
+                  [{"name": "id", "dtype": "string"}, {"name": "title", "dtype": "string"},
+                   {"name": "context", "dtype": "string"}, {"name": "question", "dtype": "string"},
+                   {"name": "answers", "sequence": [{"name": "text", "dtype": "string"},
+                                                    {"name": "answer_start", "dtype": "int32"}]}],
+                  {"secondary_task": {"train": qa, "validation": qa}})
+    monkeypatch.setenv("ASG_DATASETS_MIRROR", str(mirror))
+    assert hub.xnli("test", "de") == [
+        {"premise": "a cat", "hypothesis": "an animal", "label": "entailment", "lang": "de"},
+        {"premise": "ein hund", "hypothesis": "eine katze", "label": "contradiction", "lang": "de"}]
+    assert hub.wikiann("train", "de") == [{"tokens": ["alice", "in", "new", "york"],
+                                           "tags": ["B-PER", "O", "B-LOC", "I-LOC"], "lang": "de"}]
+    # a TyDiQA example's language is the prefix of its id: the English name of the language ("finnish-…")
+    assert hub.tydiqa("test", "fi") == [{"id": "finnish-2", "context": context, "question": "Mikä?",
+                                         "answers": {"text": ["Italy"], "answer_start": [23]}, "lang": "fi"}]
+    assert [row["id"] for row in hub.tydiqa("train", "en")] == ["english-1"]
+    with pytest.raises(ValueError, match=r"could not load google/xtreme \(PAN-X.fr\) split 'test' from .*mirror"):
+        hub.wikiann("test", "fr")
 
 
 def test_a_run_with_too_few_optimizer_steps_says_so_before_training(bert_dir, nli_files, tmp_path, capsys):
@@ -221,12 +340,13 @@ def test_ner_and_qa_and_text_to_text_runs(bert_dir, tmp_path):
     mt5 = str(write_t5_folder(tmp_path / "mt5", WORDS, mt5=True))  # untied head: both tables compressed
     text = finetune(FinetuneSettings(task="ner", output=str(tmp_path / "mt5-run"), model=mt5,
                                      train_files=[str(tmp_path / "train.conll")], eval_files=[str(tmp_path / "test.conll")],
-                                     learning_rate=3e-3, epochs=12, batch_size=16, max_length=32,
+                                     learning_rate=3e-3, epochs=30, batch_size=16, max_length=32,
                                      compression=asg.ASGConfig(k=16, m=8)), QUIET)
     assert text["seq2seq"] is True
     tables = text["compression"]["tables"]
     assert set(tables) == {"input", "output"} and tables["output"]["tied"] is False  # both sides, as in section 2.4
-    assert text["results"]["test"]["f1"] > 80  # generates "PER: alice ; LOC: rome": the entities are learnable
+    # generates "PER: alice ; LOC: rome ; PER: alice", every mention in order: the entities are learnable (about 85)
+    assert text["results"]["test"]["f1"] > 75
     predictions = [json.loads(line) for line in (tmp_path / "mt5-run" / "predictions" / "test.jsonl").read_text().splitlines()]
     assert any(row["prediction"] for row in predictions)
 

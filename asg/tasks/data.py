@@ -1,6 +1,8 @@
-"""Read task data from local files, checking every record: NLI, NER and extractive QA.
+"""Read task data from local files, checking every record: text classification, NLI, NER and extractive QA.
 
 Formats (one record a line for JSONL):
+- Text classification: JSONL `{"text", "label", "lang"?}`, or CSV (`.csv`) / TSV (`.tsv`) with a header
+  row naming the columns `text` and `label` (and optionally `lang`); labels are kept as strings.
 - NLI: JSONL `{"premise", "hypothesis", "label", "lang"?}`; labels are strings or integers, as found.
 - NER: CoNLL (token, tab, tag; a blank line between sentences; `-DOCSTART-` lines skipped) or JSONL
   `{"tokens": [...], "ner_tags": [...], "lang"?}` with tag strings such as B-PER.
@@ -12,6 +14,8 @@ A malformed file raises `DataError`, which names the file, the line (or JSON pat
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -25,6 +29,23 @@ class DataError(ValueError):
 
     def __init__(self, path, where: str, expected: str) -> None:
         super().__init__(f"{path}, {where}: {expected}")
+
+
+def read_classify(path: str | os.PathLike, lang: str | None = None) -> list[dict[str, Any]]:
+    """Single texts with their label (kept as a string) and language, from JSONL, CSV or TSV (chosen by content
+    and extension: a first line that starts with "{" is JSONL, a `.tsv` file is tab-separated, else CSV)."""
+    text = _text(path)
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    records = _jsonl(path) if first.startswith("{") else _table(path, text)
+    out = []
+    for where, record in records:
+        if not isinstance(record.get("text"), str):
+            raise DataError(path, f"line {where}", 'expected a string field "text"')
+        label = record.get("label")
+        if isinstance(label, bool) or not isinstance(label, (str, int)) or str(label).strip() == "":
+            raise DataError(path, f"line {where}", 'expected a field "label" (a string such as "positive", or an integer)')
+        out.append({"text": record["text"], "label": str(label).strip(), "lang": _lang(record, lang, path, where)})
+    return _nonempty(out, path)
 
 
 def read_nli(path: str | os.PathLike, lang: str | None = None) -> list[dict[str, Any]]:
@@ -90,6 +111,24 @@ def _jsonl(path) -> Iterator[tuple[int, dict]]:
         if not isinstance(record, dict):
             raise DataError(path, f"line {number}", "expected a JSON object")
         yield number, record
+
+
+def _table(path, text: str) -> Iterator[tuple[int, dict]]:
+    """The rows of a CSV or TSV file with a header, as dicts keyed by the header's column names."""
+    delimiter = "\t" if Path(path).suffix.lower() == ".tsv" else ","
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    columns = [name.strip() for name in reader.fieldnames or []]
+    if "text" not in columns or "label" not in columns:
+        kind = "tab" if delimiter == "\t" else "comma"
+        raise DataError(path, "line 1", f"expected a header row with the columns text and label ({kind}-separated), "
+                                        f"got {columns}")
+    reader.fieldnames = columns
+    for row in reader:
+        if None in row:  # more fields than the header names
+            raise DataError(path, f"line {reader.line_num}", f"expected {len(columns)} fields as in the header, got more")
+        if row.get("lang") == "":
+            row.pop("lang")
+        yield reader.line_num, row
 
 
 def _lang(record: dict, default: str | None, path, where) -> str:

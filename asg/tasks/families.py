@@ -1,6 +1,6 @@
-"""The three task families — sentence-pair classification, tagging, extractive QA — for encoders and,
-as text-to-text, for encoder–decoders (paper section 2.4): how to encode examples, how to turn model
-outputs into predictions, and how to score them."""
+"""The four task families — single-text classification, sentence-pair classification, tagging, extractive
+QA — for encoders and, as text-to-text, for encoder–decoders (paper section 2.4): how to encode examples,
+how to turn model outputs into predictions, and how to score them."""
 
 from __future__ import annotations
 
@@ -14,17 +14,20 @@ IGNORE = -100  # label id that the loss skips: special tokens, later sub-words, 
 
 
 class Features(list):
-    """Model inputs, one dict per item, that a Trainer can iterate; `extra` keeps per-item bookkeeping."""
+    """Model inputs, one dict per item, that a Trainer can iterate; `extra` keeps per-item bookkeeping and
+    `truncated` counts the examples cut to the maximum length."""
 
-    def __init__(self, items, extra=None):
+    def __init__(self, items, extra=None, truncated: int = 0):
         super().__init__(items)
         self.extra = extra or []
+        self.truncated = truncated
 
 
 class Family:
     """What every task family shares: the Auto class of its encoder head, and defaults for generated output."""
 
     head: str = ""  # the transformers Auto class that puts this family's head on an encoder
+    closed_labels = False  # True: every evaluation label must be seen in training (a classifier cannot invent one)
 
     @classmethod
     def encoder_class(cls):
@@ -36,31 +39,42 @@ class Family:
     def parse_generated(text: str, example):
         return text.strip()
 
+    @classmethod
+    def score_generated(cls, examples, predictions) -> dict[str, float]:
+        """Scores of generated predictions (an encoder–decoder's), after `parse_generated`."""
+        return cls.score(examples, predictions)
+
     @staticmethod
     def record(example, prediction) -> dict[str, Any]:
         return {**example, "prediction": prediction}
 
 
-class NLI(Family):
-    """Premise/hypothesis classification (XNLI); scored by accuracy."""
+class Labelled(Family):
+    """Classification into labels taken from the data; scored by accuracy and macro-F1."""
 
-    name = "nli"
     main_metric = "accuracy"
     head = "AutoModelForSequenceClassification"
-    read = staticmethod(data.read_nli)
+    closed_labels = True
 
     @staticmethod
     def labels(examples) -> list[str]:
         return sorted({ex["label"] for ex in examples})
 
     @staticmethod
-    def encode(tokenizer, examples, labels, max_length, train: bool) -> Features:
+    def texts(examples) -> tuple[list[str], list[str] | None]:
+        """The first texts and the second texts (None for single texts) that the tokenizer reads."""
+        raise NotImplementedError
+
+    @classmethod
+    def encode(cls, tokenizer, examples, labels, max_length, train: bool) -> Features:
         index = {label: i for i, label in enumerate(labels)}
-        enc = tokenizer([ex["premise"] for ex in examples], [ex["hypothesis"] for ex in examples],
-                        truncation=True, max_length=max_length)
+        first, second = cls.texts(examples)
+        pair = (first,) if second is None else (first, second)
+        enc = tokenizer(*pair, truncation=True, max_length=max_length)
+        whole = tokenizer(*pair, truncation=False, verbose=False)["input_ids"]
         items = [{key: enc[key][i] for key in enc.keys()} | {"labels": index.get(ex["label"], IGNORE)}
                  for i, ex in enumerate(examples)]
-        return Features(items)
+        return Features(items, truncated=sum(len(ids) > max_length for ids in whole))
 
     @staticmethod
     def decode(output, features, examples, labels) -> list[str]:
@@ -68,7 +82,34 @@ class NLI(Family):
 
     @staticmethod
     def score(examples, predictions) -> dict[str, float]:
-        return {"accuracy": 100 * metrics.accuracy(predictions, [ex["label"] for ex in examples])}
+        gold = [ex["label"] for ex in examples]
+        return {"accuracy": 100 * metrics.accuracy(predictions, gold), "macro_f1": 100 * metrics.macro_f1(predictions, gold)}
+
+
+class Classify(Labelled):
+    """Single-text classification (topics, sentiment, intent; SST-2)."""
+
+    name = "classify"
+    read = staticmethod(data.read_classify)
+
+    @staticmethod
+    def texts(examples):
+        return [ex["text"] for ex in examples], None
+
+    @staticmethod
+    def text_pair(ex) -> tuple[str, str]:
+        return ex["text"], ex["label"]
+
+
+class NLI(Labelled):
+    """Premise/hypothesis classification (XNLI)."""
+
+    name = "nli"
+    read = staticmethod(data.read_nli)
+
+    @staticmethod
+    def texts(examples):
+        return [ex["premise"] for ex in examples], [ex["hypothesis"] for ex in examples]
 
     @staticmethod
     def text_pair(ex) -> tuple[str, str]:
@@ -119,41 +160,38 @@ class NER(Family):
 
     @staticmethod
     def score(examples, predictions) -> dict[str, float]:
-        if predictions and isinstance(predictions[0], set):
-            golds = [entities(ex["tokens"], ex["tags"]) for ex in examples]
-            return {k: 100 * float(v) for k, v in metrics.span_f1(golds, predictions).items()}
         return {k: 100 * float(v) for k, v in metrics.entity_f1([ex["tags"] for ex in examples], predictions).items()}
+
+    @staticmethod
+    def score_generated(examples, predictions) -> dict[str, float]:
+        golds = [entities(ex["tokens"], ex["tags"]) for ex in examples]
+        return {k: 100 * float(v) for k, v in metrics.mention_f1(golds, predictions).items()}
 
     @staticmethod
     def text_pair(ex) -> tuple[str, str]:
         found = entities(ex["tokens"], ex["tags"])
-        target = " ; ".join(f"{entity_type}: {text}" for entity_type, text in sorted(found)) or "none"
+        target = " ; ".join(f"{entity_type}: {text}" for entity_type, text in found) or "none"
         return " ".join(ex["tokens"]), target
 
     @staticmethod
-    def parse_generated(text: str, example) -> set:
-        found = set()
+    def parse_generated(text: str, example) -> list[tuple[str, str]]:
+        found = []
         for part in text.split(";"):
             entity_type, sep, span = part.partition(":")
             if sep and entity_type.strip() and span.strip():
-                found.add((entity_type.strip(), " ".join(span.split())))
+                found.append((entity_type.strip(), " ".join(span.split())))
         return found
 
-    @staticmethod
-    def record(example, prediction) -> dict[str, Any]:
-        shown = sorted(prediction) if isinstance(prediction, set) else prediction
-        return {**example, "prediction": shown}
 
-
-def entities(tokens: list[str], tags: list[str]) -> set[tuple[str, str]]:
-    """The (type, text) entities of a BIO-tagged sentence."""
-    found, entity_type, words = set(), None, []
+def entities(tokens: list[str], tags: list[str]) -> list[tuple[str, str]]:
+    """The (type, text) entity mentions of a BIO-tagged sentence, in order, each as often as it occurs."""
+    found, entity_type, words = [], None, []
     for token, tag in list(zip(tokens, tags)) + [("", "O")]:
         if tag.startswith("I-") and entity_type == tag[2:]:
             words.append(token)
             continue
         if entity_type is not None:
-            found.add((entity_type, " ".join(words)))
+            found.append((entity_type, " ".join(words)))
         entity_type, words = (tag[2:], [token]) if tag[:2] in ("B-", "I-") else (None, [])
     return found
 

@@ -1,12 +1,19 @@
-"""The paper's datasets from the Hugging Face hub, in the same records as the local-file readers.
+"""The paper's datasets (and SST-2 for single-text classification) from the Hugging Face hub, in the same
+records as the local-file readers.
 
 This is the real code path for users with a network; where the hub cannot be reached, each loader
-raises a ValueError that says to give local files instead.
+raises a ValueError that says to give local files instead. With `ASG_DATASETS_MIRROR` set to a folder
+that holds dataset repositories as `OWNER/NAME/` (as `huggingface-cli download --repo-type dataset
+OWNER/NAME --local-dir MIRROR/OWNER/NAME` lays them out), the loaders read those copies instead.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
+
+MIRROR_ENV = "ASG_DATASETS_MIRROR"
 
 XNLI_LANGS = ("ar", "bg", "de", "el", "en", "es", "fr", "hi", "ru", "sw", "th", "tr", "ur", "vi", "zh")
 PANX_LANGS = ("af", "ar", "bg", "bn", "de", "el", "en", "es", "et", "eu", "fa", "fi", "fr", "he", "hi", "hu", "id",
@@ -49,12 +56,26 @@ def bc5cdr(split: str, lang: str) -> list[dict[str, Any]]:
     return [{"tokens": r["tokens"], "tags": [names[t] for t in r["tags"]], "lang": "en"} for r in ds]
 
 
+def sst2(split: str, lang: str) -> list[dict[str, Any]]:
+    """SST-2 (stanfordnlp/sst2): one sentence and its sentiment; its test labels are hidden, so evaluation
+    uses 'validation'."""
+    ds = _load("stanfordnlp/sst2", None, split)
+    names = ds.features["label"].names
+    return [{"text": r["sentence"], "label": names[r["label"]], "lang": "en"} for r in ds]
+
+
 def _load(name: str, config: str | None, split: str):
+    mirror = os.environ.get(MIRROR_ENV)
+    source = Path(mirror) / name if mirror else None
+    if source is not None and not source.is_dir():
+        raise ValueError(f"{MIRROR_ENV} is set to {mirror}, which has no copy of {name} (expected the folder "
+                         f"{source}); download it there or unset {MIRROR_ENV} to read the hub")
     try:
         from datasets import load_dataset
 
-        return load_dataset(name, config, split=split)
+        return load_dataset(str(source) if source else name, config, split=split)
     except Exception as err:  # no network, unknown config, hub errors: all mean "use local files"
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"could not load {name}{f' ({config})' if config else ''} split {split!r} from the Hugging "
-                         f"Face hub: {first}. Without a network, give local files with --train-file and --eval-file") from None
+        where = source or "the Hugging Face hub"
+        raise ValueError(f"could not load {name}{f' ({config})' if config else ''} split {split!r} from {where}: "
+                         f"{first}. Without a network, give local files with --train-file and --eval-file") from None

@@ -1,4 +1,5 @@
-"""Task metrics: accuracy, entity-level F1 (seqeval), SQuAD exact match and F1, and %Base."""
+"""Task metrics: accuracy, macro-F1, entity-level F1 (seqeval, and its counting for generated mentions),
+SQuAD exact match and F1, and %Base."""
 
 from __future__ import annotations
 
@@ -14,6 +15,19 @@ def accuracy(predictions: list, references: list) -> float:
     return sum(p == r for p, r in zip(predictions, references)) / len(references)
 
 
+def macro_f1(predictions: list, references: list) -> float:
+    """The unweighted mean of each label's F1 over every label that is predicted or in the references (one never
+    predicted, or predicted but never right, scores 0), as scikit-learn's f1_score(average="macro")."""
+    if len(predictions) != len(references) or not references:
+        raise ValueError("macro_f1 needs as many predictions as references, and at least one")
+    scores = []
+    for label in set(references) | set(predictions):
+        hit = sum(p == r == label for p, r in zip(predictions, references))
+        made, gold = sum(p == label for p in predictions), sum(r == label for r in references)
+        scores.append(2 * hit / (made + gold))
+    return sum(scores) / len(scores)
+
+
 def entity_f1(references: list[list[str]], predictions: list[list[str]]) -> dict[str, float]:
     """Entity-level precision, recall and F1 of BIO tag sequences, as seqeval computes them (CoNLL style)."""
     from seqeval.metrics import f1_score, precision_score, recall_score
@@ -23,9 +37,11 @@ def entity_f1(references: list[list[str]], predictions: list[list[str]]) -> dict
             "recall": recall_score(references, predictions, zero_division=0)}
 
 
-def span_f1(references: list[set], predictions: list[set]) -> dict[str, float]:
-    """Precision, recall and F1 over sets of (type, text) entities, for generated NER output."""
-    hit = sum(len(r & p) for r, p in zip(references, predictions))
+def mention_f1(references: list[list], predictions: list[list]) -> dict[str, float]:
+    """Precision, recall and F1 over the (type, text) mentions of each sentence, for generated NER output.
+    Mentions are counted as seqeval counts entities: a mention that occurs three times counts three times,
+    so a prediction that names it once finds one of the three."""
+    hit = sum(sum((collections.Counter(r) & collections.Counter(p)).values()) for r, p in zip(references, predictions))
     gold = sum(len(r) for r in references)
     made = sum(len(p) for p in predictions)
     precision = hit / made if made else 0.0

@@ -236,14 +236,24 @@ def _limit(rows: list, count: int | None) -> list:
     return rows if count is None else rows[:count]
 
 
-def _encode(family, tokenizer, examples, labels, max_length, seq2seq: bool, train: bool):
-    if not seq2seq:
-        return family.encode(tokenizer, examples, labels, max_length, train)
-    from .families import Features
+def _encode(family, tokenizer, examples, labels, max_length, seq2seq: bool, train: bool, lang: str = ""):
+    """The model inputs of `examples` (training ones, or evaluation ones of `lang`), saying on stderr how many
+    were cut to `max_length` tokens."""
+    if seq2seq:
+        from .families import Features
 
-    sources, targets = zip(*(family.text_pair(ex) for ex in examples))
-    enc = tokenizer(list(sources), text_target=list(targets), truncation=True, max_length=max_length)
-    return Features([{key: enc[key][i] for key in enc.keys()} for i in range(len(examples))])
+        sources, targets = zip(*(family.text_pair(ex) for ex in examples))
+        enc = tokenizer(list(sources), text_target=list(targets), truncation=True, max_length=max_length)
+        whole = tokenizer(list(sources), truncation=False, verbose=False)["input_ids"]
+        features = Features([{key: enc[key][i] for key in enc.keys()} for i in range(len(examples))],
+                            truncated=sum(len(ids) > max_length for ids in whole))
+    else:
+        features = family.encode(tokenizer, examples, labels, max_length, train)
+    if features.truncated:
+        which = "training" if train else f"evaluation ({lang})"
+        print(f"asg: {features.truncated} of {len(examples)} {which} examples are longer "
+              f"than {max_length} tokens and were cut (raise --max-length to keep more)", file=sys.stderr)
+    return features
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -311,16 +321,18 @@ def _trainer(model, tokenizer, family, seq2seq: bool, settings: FinetuneSettings
 def _evaluate(trainer, task, tokenizer, labels, evals: dict, seq2seq: bool, max_length: int, run: Path) -> dict:
     results, family = {}, task.family
     for lang, examples in sorted(evals.items()):
-        features = _encode(family, tokenizer, examples, labels, max_length, seq2seq, False)
+        features = _encode(family, tokenizer, examples, labels, max_length, seq2seq, False, lang)
         output = trainer.predict(features)
         if seq2seq:
             ids = output.predictions
             ids = ids.clip(min=0) if hasattr(ids, "clip") else ids
             texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
             predictions = [family.parse_generated(text, ex) for text, ex in zip(texts, examples)]
+            scores = family.score_generated(examples, predictions)
         else:
             predictions = family.decode(output, features, examples, labels)
-        results[lang] = {**family.score(examples, predictions), "examples": len(examples)}
+            scores = family.score(examples, predictions)
+        results[lang] = {**scores, "examples": len(examples)}
         if trainer.is_world_process_zero():
             _write_jsonl(run / "predictions" / f"{lang}.jsonl", [family.record(ex, p) for ex, p in zip(examples, predictions)])
     metric_names = [key for key in next(iter(results.values())) if key != "examples"]
@@ -431,7 +443,7 @@ def _labels(family, train: list[dict], evals: dict[str, list[dict]]) -> list[str
     if unseen and seen:
         message = (f"the evaluation data has labels {unseen} that the training data never shows "
                    f"(training labels: {sorted(seen)})")
-        if family.name == "nli":
+        if family.closed_labels:
             raise ValueError(message + "; use the same label names in both files")
         logger.warning(message)
         print(f"asg: warning: {message}; the model cannot learn to predict them", file=sys.stderr)
