@@ -9,7 +9,7 @@
 from ._version import __version__
 
 try:
-    from . import baselines, hf, pq
+    from . import baselines, hf, pq, sentence
     from .calibration import calibrate
     from .checkpoint import from_pretrained, read_plan, save_pretrained
     from .config import ASGConfig
@@ -41,4 +41,5 @@ __all__ = [
     "pq",
     "read_plan",
     "save_pretrained",
+    "sentence",
 ]

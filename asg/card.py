@@ -16,12 +16,16 @@ from .methods import config_from_plan
 CARD_NAME = "README.md"
 
 
-def model_card(plan: dict[str, Any], architecture: str | None, fidelity: dict[str, Any] | None = None) -> str:
-    """The card's Markdown for a folder whose config holds `plan` (its `asg` section)."""
+def model_card(plan: dict[str, Any], architecture: str | None, fidelity: dict[str, Any] | None = None,
+               sentence_transformers: bool = False) -> str:
+    """The card's Markdown for a folder whose config holds `plan` (its `asg` section); `sentence_transformers`:
+    the folder carries a sentence-transformers pipeline."""
     source = plan.get("source_model")
     report = plan.get("report") or {}
     settings = ", ".join(f"{key}={value}" for key, value in config_from_plan(plan).settings().items())
     front = {"library_name": "transformers", "tags": ["asg", "embedding-compression", "product-quantization"]}
+    if sentence_transformers:
+        front["tags"].append("sentence-transformers")
     if _hub_name(source):
         front["base_model"] = source
     lines = ["---", *(f"{key}: {json.dumps(value)}" for key, value in front.items()), "---", "",
@@ -38,9 +42,10 @@ def model_card(plan: dict[str, Any], architecture: str | None, fidelity: dict[st
                       f"{fidelity['kl']:.4f}, top-1 agreement {fidelity['top1_agreement']:.3f}, perplexity "
                       f"{fidelity['perplexity']:.2f} (original {fidelity['reference_perplexity']:.2f})."]
         else:
+            made = fidelity.get("sentence_embedding", "mean pooling")
             lines += [f"On {fidelity.get('texts')} texts: mean cosine {fidelity['mean_cosine']:.4f} "
                       f"(min {fidelity['min_cosine']:.4f}) between the compressed and the original model's "
-                      "mean-pooled sentence embeddings."]
+                      f"sentence embeddings ({made})."]
     calibration = plan.get("calibration")
     if calibration:
         lines += ["", f"Calibrated (`asg calibrate`) for {calibration.get('steps')} steps on "
@@ -52,6 +57,10 @@ def model_card(plan: dict[str, Any], architecture: str | None, fidelity: dict[st
               "with transformers", "import transformers", "", f'model = {auto}.from_pretrained("path/to/this/folder")',
               "```", "", "Without `import asg`, transformers stops with a message that says so instead of "
               "loading random embeddings.", ""]
+    if sentence_transformers:
+        lines += ["With sentence-transformers, which uses the original's pooling and normalisation carried here:", "",
+                  "```python", "import asg", "from sentence_transformers import SentenceTransformer", "",
+                  'model = SentenceTransformer("path/to/this/folder")', "```", ""]
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import atomic, format as fmt
+from . import atomic, format as fmt, sentence
 from .card import CARD_NAME, model_card
 from .format import CONFIG_NAME, FORMAT_VERSION, INDEX_NAME, WEIGHTS_NAME, adapt_plan, renamer, write_notice_index
 from .loading import TOKENIZER_FILES, architecture_class
@@ -37,6 +37,10 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, tokenizer=None
     """Write a compressed model (and optionally its tokenizer) to the folder `path`, atomically, with a
     model card (README.md; `fidelity`, an `asg.fidelity.fidelity` row, goes into it).
 
+    A bare encoder (no task head) loaded from a sentence-transformers folder or hub repository keeps its
+    pipeline: modules.json, the pooling, dense and normalisation modules and the prompts are copied from
+    there (`model.config.name_or_path`), so that `SentenceTransformer(path)` works after `import asg`.
+
     An existing ASG folder at `path` is replaced (`overwrite=False` refuses instead, also when another
     process creates the folder meanwhile); files in it that asg did not write are kept, a README.md of
     the user's included (no card is written over it). Same model, same files: every file's bytes depend
@@ -46,6 +50,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, tokenizer=None
     plan = getattr(getattr(model, "config", None), "asg", None)
     if not plan or not is_compressed(model):
         raise ValueError("this model is not ASG-compressed; call asg.compress(model, asg.ASGConfig(...)) first")
+    pipeline = _sentence_pipeline(model)
 
     def fill(tmp: Path) -> None:
         config = copy.deepcopy(model.config)
@@ -65,11 +70,29 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, tokenizer=None
         write_notice_index(tmp, sorted(tensors))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if pipeline is not None:
+            sentence.carry(pipeline, tmp)
         if not user_card:
-            (tmp / CARD_NAME).write_text(model_card(written_plan, type(model).__name__, fidelity), encoding="utf-8")
+            card = model_card(written_plan, type(model).__name__, fidelity, sentence_transformers=pipeline is not None)
+            (tmp / CARD_NAME).write_text(card, encoding="utf-8")
 
     return atomic.write_folder(path, fill, overwrite=overwrite, check_replaceable=check_replaceable,
                                legacy_names=PACKAGE_FILES)
+
+
+def _sentence_pipeline(model: nn.Module) -> Path | None:
+    """The folder whose sentence-transformers pipeline a saved model carries: its source's, for a bare encoder."""
+    if getattr(model, "base_model", None) is not model:
+        return None  # a task model (classifier, tagger, LM): not what a sentence-transformers pipeline wraps
+    source = getattr(model.config, "name_or_path", None)
+    try:
+        folder = sentence.local_folder(source)
+        if folder is not None:
+            sentence.read_modules(folder)
+        return folder
+    except ValueError as err:
+        logger.warning("not carrying the sentence-transformers files of %s: %s", source, err)
+        return None
 
 
 def from_pretrained(path: str | os.PathLike, model_class=None, **config_overrides) -> nn.Module:

@@ -445,6 +445,7 @@ def _print_fidelity(rows: list, count: int, where: str) -> None:
             typer.echo(f"  {name:28}{row['kl']:>14.4f}{row['top1_agreement']:>13.3f}{row['perplexity']:>12.2f}"
                        f"{row['reference_perplexity']:>11.2f}")
     else:
+        typer.echo(f"  sentence embeddings: {rows[0][1]['sentence_embedding']}")
         typer.echo(f"  {'model':28}{'mean cosine':>12}{'min cosine':>12}")
         for name, row in rows:
             typer.echo(f"  {name:28}{row['mean_cosine']:>12.4f}{row['min_cosine']:>12.4f}")

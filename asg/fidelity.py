@@ -1,7 +1,9 @@
 """How closely a compressed model reproduces its uncompressed reference on text, with no labels.
 
-Encoders: mean cosine similarity of mean-pooled last hidden states. Generative models (causal LMs,
-encoder–decoders): KL divergence of the next-token distributions, top-1 agreement, and perplexity.
+Encoders: mean cosine similarity of sentence embeddings, made as the reference's own sentence-transformers
+pipeline makes them (pooling, dense layers, normalisation; see asg.sentence) or by mean pooling of the
+last hidden states. Generative models (causal LMs, encoder–decoders): KL divergence of the next-token
+distributions, top-1 agreement, and perplexity.
 """
 
 from __future__ import annotations
@@ -81,31 +83,37 @@ class ReferenceOutputs:
 
 @torch.no_grad()
 def fidelity(model, reference, tokenizer, texts: list[str], *, batch_size: int = 8, max_length: int = 128,
-             progress: bool = False, cache: ReferenceOutputs | None = None) -> dict[str, Any]:
+             progress: bool = False, cache: ReferenceOutputs | None = None, embed=None) -> dict[str, Any]:
     """Compare `model` with `reference` on `texts`; the metrics depend on whether the reference generates text.
-    Given `cache`, the reference's outputs are computed once for several models compared on the same texts."""
+    Given `cache`, the reference's outputs are computed once for several models compared on the same texts.
+    `embed` (an `asg.sentence.Pipeline`) makes an encoder's sentence embeddings; by default, the pipeline
+    of the folder the reference was loaded from, where it has one, else mean pooling."""
     if not texts:
         raise ValueError("no texts to measure fidelity on")
+    generative = is_generative(reference)
+    if embed is None and not generative:
+        from . import sentence
+
+        embed = sentence.pipeline(sentence.local_folder(getattr(reference.config, "name_or_path", None)))
     model.eval()
     reference.eval()
     if tokenizer.pad_token is None:
         batch_size = 1  # no padding token: one text at a time, so no padding is needed
     batches = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
     max_length = min(token_limit(model, max_length), token_limit(reference, max_length))
-    generative = is_generative(reference)
     sums = dict.fromkeys(("kl", "agree", "nll", "ref_nll", "tokens"), 0.0)
     cosines = []
-    cache_key = (id(reference), tuple(texts), batch_size, max_length)
+    cache_key = (id(reference), tuple(texts), batch_size, max_length, None if generative else tuple(embed.steps))
     for index, batch in enumerate(tqdm(batches, desc="fidelity", unit="batch", disable=not progress)):
         enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
         enc = {key: value.to(_device(model)) for key, value in enc.items() if key in ("input_ids", "attention_mask")}
-        compute = (lambda: _reference_log_probs(reference, enc)) if generative else (lambda: _pooled(reference, enc))
+        compute = (lambda: _reference_log_probs(reference, enc)) if generative else (lambda: _embedded(reference, enc, embed))
         outputs = compute() if cache is None else cache.get(cache_key, index, compute)
         if generative:
             for name, value in _generative_sums(model, outputs, enc, reference).items():
                 sums[name] += value
         else:
-            cosines.append(F.cosine_similarity(_pooled(model, enc), outputs, dim=-1))
+            cosines.append(F.cosine_similarity(_embedded(model, enc, embed), outputs, dim=-1))
     if generative:
         count = sums["tokens"]
         if not count:
@@ -115,13 +123,12 @@ def fidelity(model, reference, tokenizer, texts: list[str], *, batch_size: int =
                 "tokens": int(count), "texts": len(texts)}
     cosine = torch.cat(cosines)
     return {"generative": False, "mean_cosine": cosine.mean().item(), "min_cosine": cosine.min().item(),
-            "texts": len(texts)}
+            "texts": len(texts), "sentence_embedding": " → ".join(embed.steps)}
 
 
-def _pooled(model, enc) -> torch.Tensor:
-    """The model's mean-pooled last hidden states, text by text."""
-    mask = enc["attention_mask"][..., None].float()
-    return (_last_hidden(model, enc).float() * mask).sum(1) / mask.sum(1)
+def _embedded(model, enc, embed) -> torch.Tensor:
+    """The model's sentence embeddings, text by text."""
+    return embed.embed(_last_hidden(model, enc), enc["attention_mask"])
 
 
 def _last_hidden(model, enc) -> torch.Tensor:

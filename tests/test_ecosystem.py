@@ -215,3 +215,84 @@ def test_finetune_under_torchrun_keeps_codebooks_identical_on_both_ranks(tmp_pat
     assert not torch.equal(ranks[0]["codebooks"], start.codebooks)  # they trained, together
     assert torch.equal(ranks[0]["codes"], start.codes)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["train"]["steps"] == 6
+
+
+# --- sentence-transformers ---------------------------------------------------------------------------
+
+
+def write_sentence_transformers_folder(folder: Path, pooling: dict, dense: bool = True, pooled: int = 32) -> Path:
+    """A tiny BERT laid out as a sentence-transformers model: pooling (to `pooled` features), a dense layer and
+    normalisation."""
+    from safetensors.torch import save_file
+
+    write_bert_folder(folder, WORDS)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, **pooling}))
+    if dense:
+        modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+        (folder / "2_Dense").mkdir()
+        (folder / "2_Dense" / "config.json").write_text(json.dumps(
+            {"in_features": pooled, "out_features": 8, "bias": True, "activation_function": "torch.nn.modules.activation.Tanh"}))
+        torch.manual_seed(5)
+        save_file({"linear.weight": torch.randn(8, pooled), "linear.bias": torch.randn(8)},
+                  str(folder / "2_Dense" / "model.safetensors"))
+    modules.append({"idx": len(modules), "name": str(len(modules)), "path": f"{len(modules)}_Normalize",
+                    "type": "sentence_transformers.models.Normalize"})
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}))
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {"query": "query: ", "document": ""}, "default_prompt_name": None, "similarity_fn_name": "cosine"}))
+    return folder
+
+
+@pytest.mark.parametrize("pooling, pooled", [({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}, 32),
+                                             ({"pooling_mode": ["max", "mean"]}, 64)])
+def test_sentence_transformers_pipeline_is_carried_and_used(pooling, pooled, tmp_path):
+    st = pytest.importorskip("sentence_transformers")
+    source = write_sentence_transformers_folder(tmp_path / "st", pooling, pooled=pooled)
+    model = tf.AutoModel.from_pretrained(source)
+    tokenizer = tf.AutoTokenizer.from_pretrained(source)
+    reference = tf.AutoModel.from_pretrained(source)
+    asg.compress(model, asg.ASGConfig(k=16, m=8), progress=False)
+    asg.save_pretrained(model, tmp_path / "out", tokenizer=tokenizer)
+    for name in ("modules.json", "1_Pooling/config.json", "2_Dense/model.safetensors", "sentence_bert_config.json",
+                 "config_sentence_transformers.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (source / name).read_bytes(), name
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert '"sentence-transformers"' in card and 'SentenceTransformer("path/to/this/folder")' in card
+    texts = ["the cat sat on the mat", "father and mother", "good dog ran to rome", "bad"]
+    loaded = st.SentenceTransformer(str(tmp_path / "out"), device="cpu")
+    assert loaded.prompts["query"] == "query: "
+    assert any(isinstance(m, asg.ASGEmbedding) for m in loaded.modules())  # the compressed model, not a dense one
+    ours = asg.sentence.pipeline(tmp_path / "out")
+    assert ours.skipped == [] and ours.steps[-1] == "normalize" and ours.steps[1] == "dense layer 2_Dense"
+    with torch.no_grad():
+        enc = tokenizer(texts, padding=True, return_tensors="pt")
+        expected = ours.embed(model(**enc).last_hidden_state, enc["attention_mask"])
+    encoded = loaded.encode(texts, convert_to_tensor=True)
+    assert encoded.shape == (4, 8)
+    assert torch.allclose(encoded, expected, atol=1e-5)  # asg's reading of the pipeline is sentence-transformers' own
+    row = asg.measure_fidelity(model, reference, tokenizer, texts)
+    assert row["sentence_embedding"].startswith("pooling: ") and "dense layer 2_Dense" in row["sentence_embedding"]
+    dense_ref = st.SentenceTransformer(str(source), device="cpu").encode(texts, convert_to_tensor=True)
+    cosines = torch.nn.functional.cosine_similarity(encoded, dense_ref)
+    assert row["mean_cosine"] == pytest.approx(cosines.mean().item(), abs=1e-5)
+
+
+def test_task_models_and_damaged_pipelines_are_not_carried(tmp_path, caplog):
+    source = write_sentence_transformers_folder(tmp_path / "st", {"pooling_mode_mean_tokens": True}, dense=False)
+    classifier = tf.AutoModelForSequenceClassification.from_pretrained(source, num_labels=2)
+    asg.compress(classifier, asg.ASGConfig(k=16, m=8), progress=False)
+    asg.save_pretrained(classifier, tmp_path / "classifier")
+    assert not (tmp_path / "classifier" / "modules.json").exists()  # a task model is not a sentence encoder
+    modules = json.loads((source / "modules.json").read_text())
+    modules[1]["path"] = "../../outside"
+    (source / "modules.json").write_text(json.dumps(modules))
+    model = tf.AutoModel.from_pretrained(source)
+    asg.compress(model, asg.ASGConfig(k=16, m=8), progress=False)
+    asg.save_pretrained(model, tmp_path / "out")
+    assert not (tmp_path / "out" / "modules.json").exists()
+    assert "must be a folder inside the model folder" in caplog.text
+    assert asg.sentence.pipeline(None).steps == ["mean pooling"]

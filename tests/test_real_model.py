@@ -49,3 +49,39 @@ def test_compressed_minilm_keeps_its_sentence_embeddings(minilm, tmp_path):
     asg.save_pretrained(compressed, tmp_path / "minilm-asg", tokenizer=tokenizer)
     loaded = asg.from_pretrained(tmp_path / "minilm-asg")
     assert torch.equal(pooled(loaded, batch), pooled(compressed, batch))
+
+
+HELD_OUT = [  # none of these is among the built-in sentences that `asg compress` measures on
+    "A man is playing a guitar on the street corner.",
+    "The committee postponed its decision until next spring.",
+    "Der Hund schläft im Garten.",
+    "Photosynthesis converts light into chemical energy.",
+    "How do I reset my password?",
+    "The recipe calls for two cups of flour and a pinch of salt.",
+    "Heavy rain flooded several roads in the north of the city.",
+    "She won the chess tournament without losing a single game.",
+]
+
+
+@pytest.mark.slow
+def test_sentence_transformers_loads_the_compressed_default_model(tmp_path):
+    st = pytest.importorskip("sentence_transformers")
+    from typer.testing import CliRunner
+
+    from asg.cli import app
+    from asg.loading import default_model_path
+
+    result = CliRunner().invoke(app, ["compress", "-o", str(tmp_path / "out")])  # the default model and settings
+    assert result.exit_code == 0, result.output
+    assert "sentence embeddings: pooling: mean_tokens → normalize" in result.stdout  # its own pipeline
+    original = st.SentenceTransformer(str(default_model_path()), device="cpu")
+    compressed = st.SentenceTransformer(str(tmp_path / "out"), device="cpu")
+    assert [type(m).__name__ for m in compressed] == [type(m).__name__ for m in original]
+    assert compressed.max_seq_length == original.max_seq_length == 256
+    assert any(isinstance(m, asg.ASGEmbedding) for m in compressed.modules())
+    a = original.encode(HELD_OUT, convert_to_tensor=True)
+    b = compressed.encode(HELD_OUT, convert_to_tensor=True)
+    cosines = torch.nn.functional.cosine_similarity(a, b)
+    print(f"sentence-transformers round trip: mean cosine {cosines.mean():.4f}, min {cosines.min():.4f}")
+    assert cosines.mean() >= 0.98 and cosines.min() > 0.95
+    assert torch.allclose(b.norm(dim=-1), torch.ones(len(HELD_OUT)), atol=1e-5)  # its Normalize module ran
