@@ -9,7 +9,7 @@
 from ._version import __version__
 
 try:
-    from . import baselines, hf, pq, sentence
+    from . import adapters, baselines, hf, pq, sentence
     from .calibration import calibrate
     from .checkpoint import from_pretrained, read_plan, save_pretrained
     from .config import ASGConfig
@@ -29,6 +29,7 @@ __all__ = [
     "ASGEmbedding",
     "ASGHead",
     "CompressionReport",
+    "adapters",
     "asg_modules",
     "baselines",
     "calibrate",

@@ -55,6 +55,8 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, tokenizer=None
     def fill(tmp: Path) -> None:
         config = copy.deepcopy(model.config)
         config.architectures = [type(model).__name__]
+        if plan["tables"].get("output", {}).get("tied"):
+            config.tie_word_embeddings = True  # the head reads the input table (peft's merge may have said otherwise)
         config.save_pretrained(tmp)
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None and getattr(model, "can_generate", lambda: False)():

@@ -14,7 +14,7 @@ import transformers as tf
 from safetensors.torch import load_file
 
 import asg
-from tiny_models import VOCAB, build, outputs, sample_inputs, write_bert_folder
+from tiny_models import VOCAB, build, make_bert_classifier, outputs, sample_inputs, write_bert_folder
 
 DATA = Path(__file__).parent / "data"
 WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "father", "mother", "paris", "rome", "good", "bad"]
@@ -296,3 +296,78 @@ def test_task_models_and_damaged_pipelines_are_not_carried(tmp_path, caplog):
     assert not (tmp_path / "out" / "modules.json").exists()
     assert "must be a folder inside the model folder" in caplog.text
     assert asg.sentence.pipeline(None).steps == ["mean pooling"]
+
+
+# --- peft --------------------------------------------------------------------------------------------
+
+
+def lora_train(peft_model, batches, steps=20):
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model.train()
+    losses = []
+    for step in range(steps):
+        loss = peft_model(**batches[step % len(batches)]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    peft_model.eval()
+    return losses
+
+
+@pytest.mark.parametrize("arch", ["bert-classifier", "gpt2"])
+def test_lora_on_a_compressed_model_trains_saves_reloads_and_merges(arch, tmp_path):
+    peft = pytest.importorskip("peft")
+    from asg.adapters import retie
+
+    torch.manual_seed(0)
+    model = make_bert_classifier() if arch == "bert-classifier" else build(arch)
+    asg.compress(model, asg.ASGConfig(k=16, m=8), progress=False)
+    asg.save_pretrained(model, tmp_path / "base")
+    g = torch.Generator().manual_seed(0)
+    if arch == "gpt2":  # LoRA on attention, the codebooks of the tied table as a trainable extra
+        ids = torch.randint(5, 13, (4, 16, 12), generator=g)  # text of 8 of the 211 tokens: learnable
+        config = dict(target_modules=["c_attn"], modules_to_save=["wte"], task_type="CAUSAL_LM")
+        batches = [{"input_ids": x, "labels": x} for x in ids]
+    else:  # ... and the classifier head, untied
+        ids = torch.randint(5, VOCAB, (4, 16, 12), generator=g)
+        config = dict(target_modules=["query", "value"], modules_to_save=["word_embeddings", "classifier"], task_type="SEQ_CLS")
+        batches = [{"input_ids": x, "labels": x[:, 0] % 3} for x in ids]
+    base = asg.from_pretrained(tmp_path / "base")
+    table = base.get_input_embeddings()
+    codes, codebooks = table.codes.clone(), table.codebooks.detach().clone()
+    frozen = {name: p.detach().clone() for name, p in base.named_parameters() if "embeddings" not in name and "wte" not in name}
+    tuned = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, **config))
+    assert retie(tuned) == (1 if arch == "gpt2" else 0)  # the tied head now reads the copy that trains
+    trainable = [name for name, p in tuned.named_parameters() if p.requires_grad]
+    assert any("codebooks" in name for name in trainable) and not any("codes" in name.split(".")[-1] for name in trainable)
+    losses = lora_train(tuned, batches, steps=60)
+    assert sum(losses[-4:]) < 0.5 * sum(losses[:4])  # the same four batches, before and after
+    active = next(m for m in tuned.modules() if isinstance(m, asg.ASGEmbedding) and m.codebooks.requires_grad)
+    assert torch.equal(active.codes, codes) and not torch.equal(active.codebooks.detach(), codebooks)
+    assert torch.equal(table.codebooks, codebooks)  # the original table is untouched
+    if arch == "gpt2":
+        assert tuned.base_model.model.lm_head.embedding is active
+    for name, p in tuned.base_model.model.named_parameters():
+        key = name.replace(".base_layer", "")
+        if key in frozen:
+            assert torch.equal(p, frozen[key]), name  # LoRA leaves the base weights as they were
+    tuned.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        expected = tuned(input_ids=ids[0]).logits
+    reloaded = peft.PeftModel.from_pretrained(asg.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    assert retie(reloaded) == (1 if arch == "gpt2" else 0)
+    reloaded.eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids[0]).logits, expected)
+    merged = reloaded.merge_and_unload()
+    assert isinstance(merged.get_input_embeddings(), asg.ASGEmbedding)
+    if arch == "gpt2":
+        assert merged.lm_head.embedding is merged.get_input_embeddings()
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids[0]).logits, expected, atol=1e-5)  # LoRA folded into the weights
+    asg.save_pretrained(merged, tmp_path / "merged")
+    again = asg.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        assert torch.allclose(again(input_ids=ids[0]).logits, expected, atol=1e-5)
+    assert torch.equal(again.get_input_embeddings().codes, codes)
