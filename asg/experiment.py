@@ -116,6 +116,7 @@ def _row(name: str, metrics: dict[str, Any]) -> dict[str, Any]:
         "score": metrics["average"][main],
         "by_language": {lang: row[main] for lang, row in metrics["results"].items()},
         "all_metrics": metrics["average"],
+        "reported": {name: metrics["average"][name] for name in metrics.get("reported_metrics", [main])},
     }
 
 
@@ -127,14 +128,17 @@ def add_percent_of_base(rows: list[dict[str, Any]]) -> None:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The paper-shaped table: parameters kept, the task's main metric (mean over languages), %Base; then
-    one row per evaluation language where there are several."""
+    """The paper-shaped table: parameters kept, the task's metrics (mean over languages: accuracy and macro-F1,
+    EM and F1, or F1), %Base of the main one; then the main metric by evaluation language where there are several."""
     metric = rows[0]["metric"] if rows else "score"
-    lines = [f"| model | embedding params % | model params % | {metric} | %Base |", "|---|---:|---:|---:|---:|"]
+    shown = list(rows[0].get("reported") or {metric: None}) if rows else [metric]
+    lines = [f"| model | embedding params % | model params % | {' | '.join(shown)} | %Base |",
+             "|---|---:|---:|" + "---:|" * len(shown) + "---:|"]
     for row in rows:
         base = "" if row["percent_of_base"] is None else f"{row['percent_of_base']:.2f}"
-        lines.append(f"| {row['name']} | {row['embedding_percent']:.2f} | {row['model_percent']:.2f} | "
-                     f"{row['score']:.2f} | {base} |")
+        values = row.get("reported") or {metric: row["score"]}
+        cells = " | ".join("" if values.get(name) is None else f"{values[name]:.2f}" for name in shown)
+        lines.append(f"| {row['name']} | {row['embedding_percent']:.2f} | {row['model_percent']:.2f} | {cells} | {base} |")
     languages = sorted({lang for row in rows for lang in row["by_language"]})
     if len(languages) > 1:
         lines += ["", f"{metric} by evaluation language (or set):", "",

@@ -262,7 +262,19 @@ def test_hub_loaders_read_copies_laid_out_as_the_hub_stores_them(tmp_path, monke
                    {"name": "answers", "sequence": [{"name": "text", "dtype": "string"},
                                                     {"name": "answer_start", "dtype": "int32"}]}],
                   {"secondary_task": {"train": qa, "validation": qa}})
+    bc5cdr = mirror / "tner" / "bc5cdr"  # JSON lines with integer tags, beside a loading script datasets refuses
+    (bc5cdr / "dataset").mkdir(parents=True)
+    (bc5cdr / "bc5cdr.py").write_text("raise RuntimeError('a loading script must not run')\n")
+    sentence = {"tokens": ["aspirin", "caused", "renal", "failure"], "tags": [1, 0, 2, 3]}
+    for name in ("train", "valid", "test"):
+        write_jsonl(bc5cdr / "dataset" / f"{name}.json", [sentence, {"tokens": ["ok"], "tags": [0]}])
     monkeypatch.setenv("ASG_DATASETS_MIRROR", str(mirror))
+    for split in ("train", "validation", "test"):
+        assert hub.bc5cdr(split, "en")[0] == {"tokens": ["aspirin", "caused", "renal", "failure"],
+                                              "tags": ["B-Chemical", "O", "B-Disease", "I-Disease"], "lang": "en"}
+    write_jsonl(bc5cdr / "dataset" / "test.json", [{"tokens": ["x"], "tags": [7]}])
+    with pytest.raises(ValueError, match="a tag outside 0..4"):
+        hub.bc5cdr("test", "en")
     assert hub.xnli("test", "de") == [
         {"premise": "a cat", "hypothesis": "an animal", "label": "entailment", "lang": "de"},
         {"premise": "ein hund", "hypothesis": "eine katze", "label": "contradiction", "lang": "de"}]
@@ -416,7 +428,7 @@ output: {tmp_path / "out"}
     result = CliRunner().invoke(app, ["experiment", str(spec)])
     assert result.exit_code == 0, result.output
     table = (tmp_path / "out" / "table.md").read_text()
-    assert "| Base | 100.00 | 100.00 |" in table and "%Base" in table
+    assert "| Base | 100.00 | 100.00 |" in table and "| accuracy | macro_f1 | %Base |" in table  # Table 1's XNLI columns
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
     assert rows[0]["percent_of_base"] == 100.0
     assert rows[1]["embedding_percent"] == pytest.approx(100 * 16 * 32 / (211 * 32))

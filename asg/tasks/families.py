@@ -27,6 +27,7 @@ class Family:
     """What every task family shares: the Auto class of its encoder head, and defaults for generated output."""
 
     head: str = ""  # the transformers Auto class that puts this family's head on an encoder
+    reported: tuple[str, ...] = ()  # the metrics a paper-style table shows, the main one included
     closed_labels = False  # True: every evaluation label must be seen in training (a classifier cannot invent one)
 
     @classmethod
@@ -53,6 +54,7 @@ class Labelled(Family):
     """Classification into labels taken from the data; scored by accuracy and macro-F1."""
 
     main_metric = "accuracy"
+    reported = ("accuracy", "macro_f1")
     head = "AutoModelForSequenceClassification"
     closed_labels = True
 
@@ -121,6 +123,7 @@ class NER(Family):
 
     name = "ner"
     main_metric = "f1"
+    reported = ("f1",)
     head = "AutoModelForTokenClassification"
     read = staticmethod(data.read_ner)
 
@@ -201,6 +204,7 @@ class QA(Family):
 
     name = "qa"
     main_metric = "f1"
+    reported = ("exact_match", "f1")
     head = "AutoModelForQuestionAnswering"
     read = staticmethod(data.read_qa)
     stride = 128

@@ -21,8 +21,9 @@ PANX_LANGS = ("af", "ar", "bg", "bn", "de", "el", "en", "es", "et", "eu", "fa", 
               "tl", "tr", "ur", "vi", "yo", "zh")
 TYDIQA_LANGS = {"ar": "arabic", "bn": "bengali", "en": "english", "fi": "finnish", "id": "indonesian",
                 "ko": "korean", "ru": "russian", "sw": "swahili", "te": "telugu"}
-# tner/bc5cdr stores integer tags; these are the names its label.json gives them.
+# tner/bc5cdr stores integer tags; these are the names its label2id gives them (tner/label2id, files/bc5cdr.json).
 BC5CDR_TAGS = ("O", "B-Chemical", "B-Disease", "I-Disease", "I-Chemical")
+BC5CDR_FILES = {"train": "train", "validation": "valid*", "test": "test"}  # valid*: valid.json
 
 
 def xnli(split: str, lang: str) -> list[dict[str, Any]]:
@@ -49,11 +50,18 @@ def tydiqa(split: str, lang: str) -> list[dict[str, Any]]:
 
 
 def bc5cdr(split: str, lang: str) -> list[dict[str, Any]]:
-    """BC5CDR chemical and disease mentions (tner/bc5cdr)."""
-    ds = _load("tner/bc5cdr", None, split)
-    feature = getattr(ds.features["tags"], "feature", None)
-    names = getattr(feature, "names", None) or BC5CDR_TAGS
-    return [{"tokens": r["tokens"], "tags": [names[t] for t in r["tags"]], "lang": "en"} for r in ds]
+    """BC5CDR chemical and disease mentions, from the JSON-lines files of tner/bc5cdr (`dataset/train.json`,
+    `valid.json`, `test.json`: {"tokens", "tags"} with integer tags). They are read as plain JSON, since the
+    repository's loading script is refused by the `datasets` releases that no longer run scripts; the tag
+    names are those of its label2id (O, B-Chemical, B-Disease, I-Disease, I-Chemical: IOB, two types)."""
+    ds = _load_json("tner/bc5cdr", f"dataset/{BC5CDR_FILES[split]}.json", split)
+    out = []
+    for row in ds:
+        if any(not isinstance(t, int) or not 0 <= t < len(BC5CDR_TAGS) for t in row["tags"]):
+            raise ValueError(f"tner/bc5cdr {split}: a tag outside 0..{len(BC5CDR_TAGS) - 1} ({BC5CDR_TAGS}); "
+                             "the files no longer match the label set this loader knows")
+        out.append({"tokens": row["tokens"], "tags": [BC5CDR_TAGS[t] for t in row["tags"]], "lang": "en"})
+    return out
 
 
 def sst2(split: str, lang: str) -> list[dict[str, Any]]:
@@ -65,11 +73,7 @@ def sst2(split: str, lang: str) -> list[dict[str, Any]]:
 
 
 def _load(name: str, config: str | None, split: str):
-    mirror = os.environ.get(MIRROR_ENV)
-    source = Path(mirror) / name if mirror else None
-    if source is not None and not source.is_dir():
-        raise ValueError(f"{MIRROR_ENV} is set to {mirror}, which has no copy of {name} (expected the folder "
-                         f"{source}); download it there or unset {MIRROR_ENV} to read the hub")
+    source = _mirrored(name)
     try:
         from datasets import load_dataset
 
@@ -79,3 +83,29 @@ def _load(name: str, config: str | None, split: str):
         where = source or "the Hugging Face hub"
         raise ValueError(f"could not load {name}{f' ({config})' if config else ''} split {split!r} from {where}: "
                          f"{first}. Without a network, give local files with --train-file and --eval-file") from None
+
+
+def _load_json(name: str, pattern: str, split: str):
+    """The JSON-lines files matching `pattern` in the dataset repository `name`, read without its loading script."""
+    source = _mirrored(name)
+    files = str(source / pattern) if source else f"hf://datasets/{name}/{pattern}"
+    try:
+        from datasets import load_dataset
+
+        return load_dataset("json", data_files={split: files}, split=split)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"could not read {files} (split {split!r}): {first}. Without a network, give local files "
+                         "with --train-file and --eval-file") from None
+
+
+def _mirrored(name: str) -> Path | None:
+    """The local copy of the dataset repository `name` under ASG_DATASETS_MIRROR; None when that is not set."""
+    mirror = os.environ.get(MIRROR_ENV)
+    if not mirror:
+        return None
+    source = Path(mirror) / name
+    if not source.is_dir():
+        raise ValueError(f"{MIRROR_ENV} is set to {mirror}, which has no copy of {name} (expected the folder "
+                         f"{source}); download it there or unset {MIRROR_ENV} to read the hub")
+    return source

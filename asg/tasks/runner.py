@@ -109,7 +109,7 @@ def finetune(settings: FinetuneSettings, runtime: FinetuneRuntime | None = None)
     if trainer.is_world_process_zero():
         _announce_steps(len(train), resolved, trainer.args.world_size)
     recorded = {"settings": resolved.to_dict(), "seq2seq": seq2seq,
-                "cross_lingual": any(lang != settings.train_lang for lang in evals)}
+                "cross_lingual": _cross_lingual(settings, evals)}
     if trainer.is_world_process_zero():
         _write_json(run / "settings.json", {"written_by": RUN_MARK, "task": task.name, "model": source,
                                             "labels": labels, **recorded, "compression": report})
@@ -262,10 +262,16 @@ def _encode(family, tokenizer, examples, labels, max_length, seq2seq: bool, trai
 def _resolve(task, settings: FinetuneSettings, seq2seq: bool, evals: dict) -> FinetuneSettings:
     """The settings with every default filled in: the paper's learning rate and epochs for the task and
     model kind, and the evaluation languages found."""
-    cross_lingual = any(lang != settings.train_lang for lang in evals)
+    cross_lingual = _cross_lingual(settings, evals)
     lr = settings.learning_rate or (registry.SEQ2SEQ_LEARNING_RATE if seq2seq else task.learning_rate)
     epochs = settings.epochs or (registry.CROSS_LINGUAL_EPOCHS if cross_lingual else registry.EPOCHS)
     return replace(settings, learning_rate=lr, epochs=epochs, eval_langs=sorted(evals))
+
+
+def _cross_lingual(settings: FinetuneSettings, evals: dict) -> bool:
+    """True when the run is tested on a language it was not trained on (zero-shot transfer); a run trained on
+    every language of the task ("all", the in-language setting) is not."""
+    return settings.train_lang != "all" and any(lang != settings.train_lang for lang in evals)
 
 
 #: fewer optimizer steps than this rarely move a pretrained model far enough to learn a task
@@ -337,7 +343,8 @@ def _evaluate(trainer, task, tokenizer, labels, evals: dict, seq2seq: bool, max_
             _write_jsonl(run / "predictions" / f"{lang}.jsonl", [family.record(ex, p) for ex, p in zip(examples, predictions)])
     metric_names = [key for key in next(iter(results.values())) if key != "examples"]
     average = {key: statistics.fmean(row[key] for row in results.values()) for key in metric_names}
-    return {"main_metric": family.main_metric, "results": results, "average": average}
+    return {"main_metric": family.main_metric, "reported_metrics": list(family.reported), "results": results,
+            "average": average}
 
 
 def _has_accelerator() -> bool:
