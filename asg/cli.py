@@ -338,10 +338,17 @@ def evaluate(
 def experiment(
     path: Path = typer.Argument(..., help="An experiment YAML, e.g. experiments/minilm-toy-ner.yaml."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Run again the runs that already finished."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan and run each row for a few steps on "
+                                                          "a tiny model and tiny copies of the data; no network needed."),
 ) -> None:
     """Fine-tune the base model and compressed variants on one task; write the %Base table and plot."""
     from .experiment import run_experiment
 
+    if dry_run:
+        from .dryrun import dry_run as run_dry
+
+        run_dry(path, echo=typer.echo)
+        return
     result = run_experiment(path, overwrite=overwrite)
     typer.echo(result["table"].read_text())
     typer.echo(f"wrote {result['table']}, {result['results']} and {result['plot']}")

@@ -3,7 +3,7 @@ paper's tables, with a Markdown table (embedding %, model %, metric, %Base) and 
 against embedding parameters.
 
     name: minilm-toy-ner
-    task: ner                      # xnli, wikiann, tydiqa, bc5cdr, or nli/ner/qa on local files
+    task: ner                      # xnli, wikiann, tydiqa, bc5cdr, sst2, or classify/nli/ner/qa on local files
     model: default                 # a folder or hub name; "default" is all-MiniLM-L6-v2
     train_files: [experiments/data/toy-ner/train.conll]
     eval_files: [en=experiments/data/toy-ner/test.conll]
@@ -82,20 +82,12 @@ def run_experiment(path: str | os.PathLike, *, overwrite: bool = False, progress
     out = Path(spec["output"])
     rows = []
     for run in spec["runs"]:
-        folder = out / "runs" / _slug(run["name"])
+        folder = out / "runs" / slug(run["name"])
         if (folder / "metrics.json").exists() and not overwrite:
             metrics = json.loads((folder / "metrics.json").read_text())
         else:
-            compression = {k: v for k, v in run.items() if k not in ("name", "hyperparameters")} or None
-            hyperparameters = {**(spec.get("hyperparameters") or {}), **(run.get("hyperparameters") or {})}
-            model = spec.get("model")
-            settings = FinetuneSettings(
-                task=spec["task"], output=str(folder), model=None if model in (None, "default") else model,
-                train_files=list(spec.get("train_files") or []), eval_files=list(spec.get("eval_files") or []),
-                train_lang=spec.get("train_lang", "en"), eval_langs=spec.get("eval_langs"),
-                compression=compression, **hyperparameters)
-            metrics = finetune(settings, FinetuneRuntime(overwrite=True, progress=progress))
-        rows.append(_row(run["name"], metrics))
+            metrics = finetune(run_settings(spec, run, folder), FinetuneRuntime(overwrite=True, progress=progress))
+        rows.append(result_row(run["name"], metrics))
     add_percent_of_base(rows)
     title = f"{spec['name']}: {spec['task']} with {spec.get('model') or 'default'}"
     out.mkdir(parents=True, exist_ok=True)
@@ -105,7 +97,21 @@ def run_experiment(path: str | os.PathLike, *, overwrite: bool = False, progress
     return {"rows": rows, "table": out / "table.md", "plot": out / "plot.png", "results": out / "results.json"}
 
 
-def _row(name: str, metrics: dict[str, Any]) -> dict[str, Any]:
+def run_settings(spec: dict[str, Any], run: dict[str, Any], folder: Path) -> FinetuneSettings:
+    """The fine-tuning settings of one run of an experiment: the experiment's, then the run's own hyper-parameters
+    and its compression (the run's keys besides name and hyperparameters)."""
+    compression = {k: v for k, v in run.items() if k not in ("name", "hyperparameters")} or None
+    hyperparameters = {**(spec.get("hyperparameters") or {}), **(run.get("hyperparameters") or {})}
+    model = spec.get("model")
+    return FinetuneSettings(
+        task=spec["task"], output=str(folder), model=None if model in (None, "default") else model,
+        train_files=list(spec.get("train_files") or []), eval_files=list(spec.get("eval_files") or []),
+        train_lang=spec.get("train_lang", "en"), eval_langs=spec.get("eval_langs"),
+        compression=compression, **hyperparameters)
+
+
+def result_row(name: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """One row of the experiment's table from a run's metrics.json."""
     report = metrics.get("compression") or {}
     main = metrics["main_metric"]
     return {
@@ -176,5 +182,6 @@ def plot_percent_of_base(rows: list[dict[str, Any]], path: str | os.PathLike, ti
     plt.close(fig)
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
+    """A run's folder name."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-").lower() or "run"

@@ -3,6 +3,7 @@ model, zero-shot rows, resuming, %Base, and the finetune / evaluate / experiment
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 from transformers import TrainerCallback
@@ -14,8 +15,8 @@ from asg.experiment import add_percent_of_base, markdown_table, run_experiment
 from asg.tasks import (DataError, FinetuneRuntime, FinetuneSettings, evaluate, finetune, read_classify, read_ner, read_nli,
                        read_qa)
 from asg.tasks.families import entities
+from asg.tasks.fixtures import PANX_TAGS, class_label, write_dataset
 from asg.tasks.metrics import accuracy, entity_f1, macro_f1, mention_f1, percent_of_base, squad_scores
-from hub_fixtures import class_label, write_dataset
 from tiny_models import write_bert_folder, write_t5_folder
 
 KEYS = {"yes": "entailment", "no": "contradiction", "maybe": "neutral"}
@@ -234,9 +235,6 @@ def test_single_text_classification_from_local_files_and_the_hub(bert_dir, tmp_p
     monkeypatch.setenv("ASG_DATASETS_MIRROR", str(tmp_path / "nothing"))
     with pytest.raises(ValueError, match="has no copy of stanfordnlp/sst2"):
         finetune(FinetuneSettings(task="sst2", output=str(tmp_path / "none")), QUIET)
-
-
-PANX_TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC")
 
 
 def test_hub_loaders_read_copies_laid_out_as_the_hub_stores_them(tmp_path, monkeypatch):
@@ -465,3 +463,63 @@ def test_finetune_and_evaluate_commands(bert_dir, nli_files, tmp_path):
     missing = runner.invoke(app, ["finetune", bert_dir, "--task", "nli", "--train-file", str(tmp_path / "no.jsonl"),
                                   "-o", str(tmp_path / "run2")])
     assert missing.exit_code == 2 and "does not exist" in missing.stderr
+
+
+# --- dry runs ----------------------------------------------------------------------------------------
+
+EXPERIMENTS = sorted((Path(__file__).parent.parent / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_every_experiment_yaml_passes_its_dry_run(path, monkeypatch):
+    from asg.dryrun import dry_run
+    from asg.tasks import TASKS
+
+    monkeypatch.chdir(path.parent.parent)  # the YAMLs name their local files from the repository root
+    lines = []
+    result = dry_run(path.relative_to(path.parent.parent), echo=lines.append)
+    assert lines[-1].startswith("dry run passed")
+    spec = asg.experiment.load_experiment(path)
+    task = TASKS[spec["task"]]
+    for entry in result["plan"]:
+        if spec.get("train_lang") == "all":  # the in-language columns: every language trains, every one is tested
+            assert entry["train"] == list(task.languages) and entry["eval"] == list(task.languages)
+        elif spec.get("eval_langs") == ["all"]:  # zero-shot: English only, tested on all
+            assert entry["train"] == ["en"] and entry["eval"] == list(task.languages) and entry["epochs"] == 5
+    assert result["table"].count("\n|") >= len(spec["runs"])
+
+
+def test_a_dry_run_prints_the_plan_and_catches_what_would_fail(tmp_path, monkeypatch):
+    from asg.dryrun import dry_run
+
+    spec = tmp_path / "exp.yaml"
+    spec.write_text(f"""
+task: xnli
+model: default
+train_lang: all
+eval_langs: [all]
+hyperparameters: {{epochs: 2}}
+runs:
+  - {{name: Base}}
+  - {{name: ASG, method: asg, k: 64, m: 48}}
+output: {tmp_path / "out"}
+""")
+    lines = []
+    result = dry_run(spec, echo=lines.append)
+    base, compressed = result["plan"]
+    assert len(base["train"]) == len(base["eval"]) == 15 and base["learning_rate"] == 5e-6 and base["epochs"] == 2
+    assert compressed["compression_for_real_table"].startswith("asg {'k': 64, 'm': 48")
+    assert compressed["compression_for_real_table"].endswith("on a 30,522 x 384 table")  # the real MiniLM's shape
+    assert any("the xnli loader read copies laid out as the hub stores them for 15 training" in line for line in lines)
+    assert "| accuracy | macro_f1 |" in result["table"]
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing where the real run would
+    spec.write_text(spec.read_text().replace("m: 48", "m: 7"))  # 7 does not divide the real table's 384
+    with pytest.raises(ValueError, match="384"):
+        dry_run(spec, echo=lines.append)
+    (tmp_path / "files.yaml").write_text("task: ner\ntrain_files: [missing.conll]\neval_files: [missing.conll]\n"
+                                         f"runs: [{{name: Base}}]\noutput: {tmp_path / 'out2'}\n")
+    with pytest.raises(ValueError, match="missing.conll does not exist"):
+        dry_run(tmp_path / "files.yaml", echo=lines.append)
+    result = CliRunner().invoke(app, ["experiment", str(tmp_path / "files.yaml"), "--dry-run"])
+    assert result.exit_code == 2 and "does not exist" in result.stderr

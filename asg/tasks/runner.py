@@ -102,7 +102,7 @@ def finetune(settings: FinetuneSettings, runtime: FinetuneRuntime | None = None)
     _clear_finished_run(run)  # only now that every input has been read and checked
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     report = _compress(model, settings.compression) if settings.compression else _recorded_report(model)
-    resolved = _resolve(task, settings, seq2seq, evals)
+    resolved = resolve(task, settings, seq2seq, evals)
     trainer = _trainer(model, tokenizer, task.family, seq2seq, resolved, run / "checkpoints",
                        _encode(task.family, tokenizer, train, labels, settings.max_length, seq2seq, True), runtime)
     checkpoint = get_last_checkpoint(str(run / "checkpoints")) if (run / "checkpoints").is_dir() else None
@@ -259,7 +259,7 @@ def _encode(family, tokenizer, examples, labels, max_length, seq2seq: bool, trai
 # --- training ------------------------------------------------------------------------------------
 
 
-def _resolve(task, settings: FinetuneSettings, seq2seq: bool, evals: dict) -> FinetuneSettings:
+def resolve(task, settings: FinetuneSettings, seq2seq: bool, evals: dict) -> FinetuneSettings:
     """The settings with every default filled in: the paper's learning rate and epochs for the task and
     model kind, and the evaluation languages found."""
     cross_lingual = _cross_lingual(settings, evals)
