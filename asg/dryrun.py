@@ -56,6 +56,7 @@ def dry_run(path: str | os.PathLike, echo: Callable[[str], None] = print) -> dic
             for run, run_set, run_langs in zip(spec["runs"], settings, langs):
                 resolved = resolve(task, run_set, seq2seq, {lang: [] for lang in run_langs["eval"]})
                 entry = _plan_entry(run["name"], task, run_set, resolved, run_langs, config, seq2seq)
+                entry["seeds"] = spec.get("seeds") or [run_set.seed]
                 plan.append(entry)
                 _echo_entry(entry, echo)
                 small = replace(run_set, model=str(tiny), output=str(tmp / "runs" / slug(run["name"])),
@@ -144,7 +145,8 @@ def _echo_entry(entry: dict[str, Any], echo) -> None:
 
     echo(f"- {entry['run']}: train on {short(entry['train'])}; evaluate on {short(entry['eval'])}; "
          f"lr {entry['learning_rate']:g}, {entry['epochs']:g} epochs, batch {entry['batch_size']}, weight decay "
-         f"{entry['weight_decay']:g}, max length {entry['max_length']}; compression: "
+         f"{entry['weight_decay']:g}, max length {entry['max_length']}, seed(s) "
+         f"{', '.join(map(str, entry['seeds']))}; compression: "
          + (entry.get("compression_for_real_table") or str(entry["compression"] or "none (the base model)")))
 
 

@@ -17,7 +17,10 @@ against embedding parameters.
       - {name: ASG small batch, method: asg, k: 256, m: 96, hyperparameters: {batch_size: 4, epochs: 5}}
     output: results/minilm-toy-ner
 
-A run's own `hyperparameters` override the experiment's for that run.
+A run's own `hyperparameters` override the experiment's for that run. With `seeds: [0, 1, 2]`, every run is
+fine-tuned once per seed (in runs/NAME/seed-N) and the table shows each score as mean ± standard deviation:
+scores that differ in the last digits between machines (floating-point rounding) are then compared by
+their spread, not one draw.
 
 Finished runs are reused when the experiment runs again (pass overwrite to redo them).
 """
@@ -28,6 +31,7 @@ import json
 import math
 import os
 import re
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +39,7 @@ from .tasks.metrics import percent_of_base
 from .tasks.runner import FinetuneRuntime, FinetuneSettings, finetune
 
 KEYS = {"name", "task", "model", "train_files", "eval_files", "train_lang", "eval_langs", "hyperparameters",
-        "runs", "output"}
+        "seeds", "runs", "output"}
 HYPERPARAMETERS = {"learning_rate", "epochs", "batch_size", "weight_decay", "max_length", "max_steps", "save_steps",
                    "seed", "max_train_examples", "max_eval_examples"}
 
@@ -71,6 +75,10 @@ def load_experiment(path: str | os.PathLike) -> dict[str, Any]:
             raise ValueError(f"{path}: unknown hyperparameter(s) {bad}"
                              + (f" in run {where['name']!r}" if where is not spec else "")
                              + f"; known ones are {sorted(HYPERPARAMETERS)}")
+    seeds = spec.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+                              or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+        raise ValueError(f"{path}: 'seeds' must be a list of distinct integers, e.g. [0, 1, 2]; got {seeds!r}")
     spec.setdefault("name", path.stem)
     spec.setdefault("output", str(Path("results") / spec["name"]))
     return spec
@@ -81,13 +89,18 @@ def run_experiment(path: str | os.PathLike, *, overwrite: bool = False, progress
     spec = load_experiment(path)
     out = Path(spec["output"])
     rows = []
+    seeds = spec.get("seeds")
     for run in spec["runs"]:
-        folder = out / "runs" / slug(run["name"])
-        if (folder / "metrics.json").exists() and not overwrite:
-            metrics = json.loads((folder / "metrics.json").read_text())
-        else:
-            metrics = finetune(run_settings(spec, run, folder), FinetuneRuntime(overwrite=True, progress=progress))
-        rows.append(result_row(run["name"], metrics))
+        runs = []
+        for seed in seeds or [None]:
+            folder = out / "runs" / slug(run["name"]) / ("" if seed is None else f"seed-{seed}")
+            if (folder / "metrics.json").exists() and not overwrite:
+                metrics = json.loads((folder / "metrics.json").read_text())
+            else:
+                settings = run_settings(spec, run, folder, seed)
+                metrics = finetune(settings, FinetuneRuntime(overwrite=True, progress=progress))
+            runs.append(metrics)
+        rows.append(result_row(run["name"], *runs))
     add_percent_of_base(rows)
     title = f"{spec['name']}: {spec['task']} with {spec.get('model') or 'default'}"
     out.mkdir(parents=True, exist_ok=True)
@@ -97,11 +110,14 @@ def run_experiment(path: str | os.PathLike, *, overwrite: bool = False, progress
     return {"rows": rows, "table": out / "table.md", "plot": out / "plot.png", "results": out / "results.json"}
 
 
-def run_settings(spec: dict[str, Any], run: dict[str, Any], folder: Path) -> FinetuneSettings:
+def run_settings(spec: dict[str, Any], run: dict[str, Any], folder: Path, seed: int | None = None) -> FinetuneSettings:
     """The fine-tuning settings of one run of an experiment: the experiment's, then the run's own hyper-parameters
-    and its compression (the run's keys besides name and hyperparameters)."""
+    and its compression (the run's keys besides name and hyperparameters); `seed`, one of the experiment's seeds,
+    is the fine-tuning seed (data order, new heads; the compression keeps its own)."""
     compression = {k: v for k, v in run.items() if k not in ("name", "hyperparameters")} or None
     hyperparameters = {**(spec.get("hyperparameters") or {}), **(run.get("hyperparameters") or {})}
+    if seed is not None:
+        hyperparameters["seed"] = seed
     model = spec.get("model")
     return FinetuneSettings(
         task=spec["task"], output=str(folder), model=None if model in (None, "default") else model,
@@ -110,19 +126,28 @@ def run_settings(spec: dict[str, Any], run: dict[str, Any], folder: Path) -> Fin
         compression=compression, **hyperparameters)
 
 
-def result_row(name: str, metrics: dict[str, Any]) -> dict[str, Any]:
-    """One row of the experiment's table from a run's metrics.json."""
-    report = metrics.get("compression") or {}
-    main = metrics["main_metric"]
+def result_row(name: str, *runs: dict[str, Any]) -> dict[str, Any]:
+    """One row of the experiment's table from the metrics.json of a run (or of its seeds: means, with the
+    standard deviation of the main metric as `spread`)."""
+    first = runs[0]
+    report = first.get("compression") or {}
+    main = first["main_metric"]
+
+    def mean(values: list[float]) -> float:
+        return statistics.fmean(values)
+
+    scores = [m["average"][main] for m in runs]
     return {
         "name": name,
         "embedding_percent": 100 * report.get("embedding_ratio", 1.0),
         "model_percent": 100 * report.get("model_ratio", 1.0),
         "metric": main,
-        "score": metrics["average"][main],
-        "by_language": {lang: row[main] for lang, row in metrics["results"].items()},
-        "all_metrics": metrics["average"],
-        "reported": {name: metrics["average"][name] for name in metrics.get("reported_metrics", [main])},
+        "score": mean(scores),
+        "spread": statistics.stdev(scores) if len(runs) > 1 else None,
+        "seeds": [m.get("settings", {}).get("seed") for m in runs],
+        "by_language": {lang: mean([m["results"][lang][main] for m in runs]) for lang in first["results"]},
+        "all_metrics": {key: mean([m["average"][key] for m in runs]) for key in first["average"]},
+        "reported": {key: mean([m["average"][key] for m in runs]) for key in first.get("reported_metrics", [main])},
     }
 
 
@@ -143,8 +168,13 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         base = "" if row["percent_of_base"] is None else f"{row['percent_of_base']:.2f}"
         values = row.get("reported") or {metric: row["score"]}
-        cells = " | ".join("" if values.get(name) is None else f"{values[name]:.2f}" for name in shown)
+        cells = " | ".join("" if values.get(name) is None else f"{values[name]:.2f}"
+                           + (f" ± {row['spread']:.2f}" if name == metric and row.get("spread") is not None else "")
+                           for name in shown)
         lines.append(f"| {row['name']} | {row['embedding_percent']:.2f} | {row['model_percent']:.2f} | {cells} | {base} |")
+    seeded = next((row["seeds"] for row in rows if row.get("spread") is not None), None)
+    if seeded:
+        lines += ["", f"({metric}: mean ± standard deviation over fine-tuning seeds {', '.join(map(str, seeded))})"]
     languages = sorted({lang for row in rows for lang in row["by_language"]})
     if len(languages) > 1:
         lines += ["", f"{metric} by evaluation language (or set):", "",

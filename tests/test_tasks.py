@@ -3,6 +3,7 @@ model, zero-shot rows, resuming, %Base, and the finetune / evaluate / experiment
 
 import json
 import random
+import statistics
 from pathlib import Path
 
 import pytest
@@ -437,6 +438,37 @@ output: {tmp_path / "out"}
     mtime = (tmp_path / "out" / "runs" / "base" / "metrics.json").stat().st_mtime
     run_experiment(spec, progress=False)  # finished runs are reused
     assert (tmp_path / "out" / "runs" / "base" / "metrics.json").stat().st_mtime == mtime
+
+
+def test_an_experiment_over_seeds_reports_mean_and_spread(bert_dir, nli_files, tmp_path):
+    train, test = nli_files
+    spec = tmp_path / "seeds.yaml"
+    spec.write_text(f"""
+task: nli
+model: {bert_dir}
+train_files: [{train}]
+eval_files: [en={test}]
+seeds: [0, 1, 2]
+hyperparameters: {{learning_rate: 3.0e-3, max_steps: 6, batch_size: 16, max_length: 32}}
+runs:
+  - {{name: Base}}
+  - {{name: ASG, method: asg, k: 16, m: 8}}
+output: {tmp_path / "out"}
+""")
+    rows = run_experiment(spec, progress=False)["rows"]
+    per_seed = [json.loads((tmp_path / "out" / "runs" / "base" / f"seed-{seed}" / "metrics.json").read_text())
+                for seed in (0, 1, 2)]
+    assert [m["settings"]["seed"] for m in per_seed] == [0, 1, 2]
+    scores = [m["average"]["accuracy"] for m in per_seed]
+    assert rows[0]["score"] == pytest.approx(sum(scores) / 3) and rows[0]["seeds"] == [0, 1, 2]
+    assert rows[0]["spread"] == pytest.approx(statistics.stdev(scores))
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert f"| Base | 100.00 | 100.00 | {rows[0]['score']:.2f} ± {rows[0]['spread']:.2f} |" in table
+    assert "mean ± standard deviation over fine-tuning seeds 0, 1, 2" in table
+    assert rows[1]["percent_of_base"] == pytest.approx(100 * rows[1]["score"] / rows[0]["score"])
+    (tmp_path / "bad.yaml").write_text("task: ner\nseeds: [1, 1]\nruns: [{name: x}]\n")
+    assert "'seeds' must be a list of distinct integers" in CliRunner().invoke(
+        app, ["experiment", str(tmp_path / "bad.yaml")]).stderr
 
 
 def test_bad_experiment_files(tmp_path):
