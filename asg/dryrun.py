@@ -54,7 +54,8 @@ def dry_run(path: str | os.PathLike, echo: Callable[[str], None] = print) -> dic
             if task.loader is not None and not all(s.train_files and s.eval_files for s in settings):
                 _check_loaders(task, langs, tmp / "mirror", echo)
             for run, run_set, run_langs in zip(spec["runs"], settings, langs):
-                resolved = resolve(task, run_set, seq2seq, {lang: [] for lang in run_langs["eval"]})
+                evals = {} if run_set.eval_files else {lang: [] for lang in run_langs["eval"]}  # files: langs unknown yet
+                resolved = resolve(task, run_set, seq2seq, evals)
                 entry = _plan_entry(run["name"], task, run_set, resolved, run_langs, config, seq2seq)
                 entry["seeds"] = spec.get("seeds") or [run_set.seed]
                 plan.append(entry)

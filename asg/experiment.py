@@ -132,10 +132,7 @@ def result_row(name: str, *runs: dict[str, Any]) -> dict[str, Any]:
     first = runs[0]
     report = first.get("compression") or {}
     main = first["main_metric"]
-
-    def mean(values: list[float]) -> float:
-        return statistics.fmean(values)
-
+    mean = statistics.fmean
     scores = [m["average"][main] for m in runs]
     return {
         "name": name,
