@@ -12,7 +12,7 @@ split into m segments of D/m values:
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -152,34 +152,41 @@ def _fit_faiss(x: np.ndarray, k, m, codebook, niter, seed, progress, desc, weigh
     sub = dim // m
     if codebook == "shared":
         pooled = x.reshape(num_rows * m, sub)
-        with tqdm(total=2, desc=f"{desc} (shared, faiss)", disable=not progress) as bar:
+        with tqdm(total=niter + 1, desc=f"{desc} (shared, faiss)", unit="iter", disable=not progress) as bar:
             sample = _training_sample(len(pooled), k, seed)
-            km = _faiss_kmeans(faiss, sub, k, niter, seed)
-            km.train(pooled[sample], weights=None if weights is None else np.repeat(weights, m)[sample])
-            bar.update()
-            _, idx = km.index.search(pooled, 1)
+            centroids, index = _faiss_kmeans(faiss, pooled[sample], k, niter, seed,
+                                             None if weights is None else np.repeat(weights, m)[sample], bar)
+            bar.set_postfix_str(f"assigning {len(pooled):,} segments")
+            _, idx = index.search(pooled, 1)
             bar.update()
         codes = idx.reshape(num_rows, m).astype(code_dtype(k))
-        return PQFit(km.centroids.reshape(k, sub).astype(np.float32), codes)
+        return PQFit(centroids, codes)
 
     codebooks = np.empty((m, k, sub), dtype=np.float32)
     codes = np.empty((num_rows, m), dtype=code_dtype(k))
-    for i in tqdm(range(m), desc=f"{desc} (faiss)", unit="segment", disable=not progress):
-        segment = np.ascontiguousarray(x[:, i * sub : (i + 1) * sub])
-        km = _faiss_kmeans(faiss, sub, k, niter, seed + i)
-        km.train(segment, weights=weights)
-        _, idx = km.index.search(segment, 1)
-        codebooks[i] = km.centroids.reshape(k, sub)
-        codes[:, i] = idx[:, 0]
+    with tqdm(total=m * niter, desc=f"{desc} (faiss)", unit="iter", disable=not progress) as bar:
+        for i in range(m):
+            bar.set_postfix_str(f"segment {i + 1}/{m}")
+            segment = np.ascontiguousarray(x[:, i * sub : (i + 1) * sub])
+            codebooks[i], index = _faiss_kmeans(faiss, segment, k, niter, seed + i, weights, bar)
+            _, idx = index.search(segment, 1)
+            codes[:, i] = idx[:, 0]
     return PQFit(codebooks, codes)
 
 
-def _faiss_kmeans(faiss, dim, k, niter, seed):
+def _faiss_kmeans(faiss, x: np.ndarray, k: int, niter: int, seed: int, weights, bar) -> tuple[np.ndarray, Any]:
+    """faiss k-means of `x`, one iteration per call of faiss (bit-identical to one call of `niter` iterations), so
+    that `bar` advances by iteration and estimates the time left; returns the centroids and the flat index that
+    holds them."""
+    clustering = faiss.Clustering(x.shape[1], k)
+    clustering.niter, clustering.seed, clustering.verbose = 1, seed, False
     # min_points_per_centroid=1: tiny vocabularies are legal, and faiss's warning about them is noise.
-    return faiss.Kmeans(
-        dim, k, niter=niter, seed=seed, verbose=False,
-        min_points_per_centroid=1, max_points_per_centroid=MAX_POINTS_PER_CENTROID,
-    )
+    clustering.min_points_per_centroid, clustering.max_points_per_centroid = 1, MAX_POINTS_PER_CENTROID
+    index = faiss.IndexFlatL2(x.shape[1])
+    for _ in range(niter):  # each call starts from the centroids the last one left
+        clustering.train(x, index, weights)
+        bar.update()
+    return faiss.vector_to_array(clustering.centroids).reshape(k, x.shape[1]), index
 
 
 # --- torch backend -----------------------------------------------------------------------------

@@ -126,3 +126,17 @@ def test_bad_arguments():
         pq.fit(x, k=4, m=4, codebook="pooled")
     with pytest.raises(ValueError, match="unknown backend"):
         pq.fit(x, k=4, m=4, backend="sklearn")
+
+
+def test_faiss_fits_advance_by_iteration_and_match_one_faiss_call(capsys):
+    faiss = pytest.importorskip("faiss")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((600, 16)).astype(np.float32)
+    fit = pq.fit(x, k=8, m=4, niter=3, seed=5, progress=True)
+    err = capsys.readouterr().err
+    assert "12/12" in err and "iter" in err and "segment 4/4" in err  # m × niter iterations, with time left
+    reference = faiss.Kmeans(4, 8, niter=3, seed=5 + 1, verbose=False, min_points_per_centroid=1)
+    reference.train(np.ascontiguousarray(x[:, 4:8]))  # segment 1: one faiss call of all iterations
+    assert np.array_equal(fit.codebooks[1], reference.centroids)
+    pq.fit(x, k=8, m=4, codebook="shared", niter=3, progress=True)
+    assert "4/4" in capsys.readouterr().err  # the iterations, then the assignment of every segment
