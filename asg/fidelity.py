@@ -123,7 +123,7 @@ def fidelity(model, reference, tokenizer, texts: list[str], *, batch_size: int =
                 "tokens": int(count), "texts": len(texts)}
     cosine = torch.cat(cosines)
     return {"generative": False, "mean_cosine": cosine.mean().item(), "min_cosine": cosine.min().item(),
-            "texts": len(texts), "sentence_embedding": " → ".join(embed.steps)}
+            "texts": len(texts), "sentence_embedding": embed.describe()}
 
 
 def _embedded(model, enc, embed) -> torch.Tensor:

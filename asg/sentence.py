@@ -107,6 +107,11 @@ class Pipeline:
     skipped: list[str] = field(default_factory=list)
     _ops: list = field(default_factory=list, repr=False)
 
+    def describe(self) -> str:
+        """The steps, and the modules left out, in words."""
+        skipped = f" (left out, not read by asg: {', '.join(self.skipped)})" if self.skipped else ""
+        return " → ".join(self.steps) + skipped
+
     def embed(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         out = hidden.float()
         for op in self._ops:

@@ -296,6 +296,13 @@ def test_task_models_and_damaged_pipelines_are_not_carried(tmp_path, caplog):
     assert not (tmp_path / "out" / "modules.json").exists()
     assert "must be a folder inside the model folder" in caplog.text
     assert asg.sentence.pipeline(None).steps == ["mean pooling"]
+    modules[1]["path"] = "1_Pooling"
+    modules.insert(2, {"idx": 9, "name": "9", "path": "", "type": "sentence_transformers.models.LayerNorm"})
+    (source / "modules.json").write_text(json.dumps(modules))
+    unknown = asg.sentence.pipeline(source)
+    assert unknown.steps == ["pooling: mean_tokens"] and unknown.skipped[0].endswith("LayerNorm")
+    assert unknown.describe() == ("pooling: mean_tokens (left out, not read by asg: sentence_transformers.models.LayerNorm, "
+                                  "sentence_transformers.models.Normalize)")
 
 
 # --- peft --------------------------------------------------------------------------------------------
