@@ -283,6 +283,16 @@ def test_hub_loaders_read_copies_laid_out_as_the_hub_stores_them(tmp_path, monke
     assert hub.tydiqa("test", "fi") == [{"id": "finnish-2", "context": context, "question": "Mikä?",
                                          "answers": {"text": ["Italy"], "answer_start": [23]}, "lang": "fi"}]
     assert [row["id"] for row in hub.tydiqa("train", "en")] == ["english-1"]
+    other = tmp_path / "other"  # another copy of the same repository, with other content: read, not a cached one
+    write_dataset(other, "google-research-datasets/tydiqa", [{"name": "id", "dtype": "string"}, {"name": "title", "dtype": "string"},
+                  {"name": "context", "dtype": "string"}, {"name": "question", "dtype": "string"},
+                  {"name": "answers", "sequence": [{"name": "text", "dtype": "string"},
+                                                   {"name": "answer_start", "dtype": "int32"}]}],
+                  {"secondary_task": {split: {**{key: value[:1] for key, value in qa.items()}, "id": ["english-9"]}
+                                      for split in ("train", "validation")}})  # the same card: the same cache key
+    monkeypatch.setenv("ASG_DATASETS_MIRROR", str(other))
+    assert [row["id"] for row in hub.tydiqa("train", "en")] == ["english-9"]
+    monkeypatch.setenv("ASG_DATASETS_MIRROR", str(mirror))
     with pytest.raises(ValueError, match=r"could not load google/xtreme \(PAN-X.fr\) split 'test' from .*mirror"):
         hub.wikiann("test", "fr")
 

@@ -77,7 +77,7 @@ def _load(name: str, config: str | None, split: str):
     try:
         from datasets import load_dataset
 
-        return load_dataset(str(source) if source else name, config, split=split)
+        return load_dataset(str(source) if source else name, config, split=split, **_fresh(source))
     except Exception as err:  # no network, unknown config, hub errors: all mean "use local files"
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         where = source or "the Hugging Face hub"
@@ -92,11 +92,18 @@ def _load_json(name: str, pattern: str, split: str):
     try:
         from datasets import load_dataset
 
-        return load_dataset("json", data_files={split: files}, split=split)
+        return load_dataset("json", data_files={split: files}, split=split, **_fresh(source))
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ValueError(f"could not read {files} (split {split!r}): {first}. Without a network, give local files "
                          "with --train-file and --eval-file") from None
+
+
+def _fresh(source: Path | None) -> dict:
+    """load_dataset options for a local copy: read it again every time, since the datasets cache keys a local
+    folder by its card and file names, not its content, and would serve (and check sizes against) an earlier
+    copy of the same name."""
+    return {"download_mode": "force_redownload", "verification_mode": "no_checks"} if source is not None else {}
 
 
 def _mirrored(name: str) -> Path | None:
