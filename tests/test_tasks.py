@@ -565,3 +565,17 @@ output: {tmp_path / "out"}
         dry_run(tmp_path / "files.yaml", echo=lines.append)
     result = CliRunner().invoke(app, ["experiment", str(tmp_path / "files.yaml"), "--dry-run"])
     assert result.exit_code == 2 and "does not exist" in result.stderr
+
+
+def test_tokenize_cuts_as_the_tokenizer_does_and_counts_the_cut(tmp_path):
+    from transformers import AutoTokenizer
+
+    from asg.tasks.families import tokenize
+
+    tokenizer = AutoTokenizer.from_pretrained(write_t5_folder(tmp_path / "t5", WORDS))
+    short, long = ["the cat sat", "alice went to rome"], ["the cat sat " * 6, "alice went to rome"]
+    cases = [(short, short, 0), (long, short, 1), (short, long, 0)]  # the last: only a target is too long
+    for sources, targets, cut in cases:
+        enc, truncated = tokenize(tokenizer, sources, text_target=targets, max_length=8)
+        expected = tokenizer(sources, text_target=targets, truncation=True, max_length=8)
+        assert truncated == cut and dict(enc) == dict(expected)

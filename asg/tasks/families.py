@@ -23,6 +23,16 @@ class Features(list):
         self.truncated = truncated
 
 
+def tokenize(tokenizer, texts, pairs=None, *, max_length: int, **options):
+    """`tokenizer(texts, pairs, **options)` cut to `max_length` tokens, and how many examples (their inputs) were
+    cut. The texts are read whole first; only where some input or target is too long are they read again, cut."""
+    whole = tokenizer(texts, pairs, truncation=False, verbose=False, **options)
+    truncated = sum(len(ids) > max_length for ids in whole["input_ids"])
+    if not truncated and not any(len(ids) > max_length for ids in whole.get("labels", [])):
+        return whole, 0
+    return tokenizer(texts, pairs, truncation=True, max_length=max_length, **options), truncated
+
+
 class Family:
     """What every task family shares: the Auto class of its encoder head, and defaults for generated output."""
 
@@ -71,12 +81,10 @@ class Labelled(Family):
     def encode(cls, tokenizer, examples, labels, max_length, train: bool) -> Features:
         index = {label: i for i, label in enumerate(labels)}
         first, second = cls.texts(examples)
-        pair = (first,) if second is None else (first, second)
-        enc = tokenizer(*pair, truncation=True, max_length=max_length)
-        whole = tokenizer(*pair, truncation=False, verbose=False)["input_ids"]
+        enc, truncated = tokenize(tokenizer, first, second, max_length=max_length)
         items = [{key: enc[key][i] for key in enc.keys()} | {"labels": index.get(ex["label"], IGNORE)}
                  for i, ex in enumerate(examples)]
-        return Features(items, truncated=sum(len(ids) > max_length for ids in whole))
+        return Features(items, truncated=truncated)
 
     @staticmethod
     def decode(output, features, examples, labels) -> list[str]:

@@ -74,36 +74,31 @@ def sst2(split: str, lang: str) -> list[dict[str, Any]]:
 
 def _load(name: str, config: str | None, split: str):
     source = _mirrored(name)
-    try:
-        from datasets import load_dataset
-
-        return load_dataset(str(source) if source else name, config, split=split, **_fresh(source))
-    except Exception as err:  # no network, unknown config, hub errors: all mean "use local files"
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        where = source or "the Hugging Face hub"
-        raise ValueError(f"could not load {name}{f' ({config})' if config else ''} split {split!r} from {where}: "
-                         f"{first}. Without a network, give local files with --train-file and --eval-file") from None
+    what = f"{name}{f' ({config})' if config else ''} split {split!r} from {source or 'the Hugging Face hub'}"
+    return _read(what, source is not None, str(source) if source else name, config, split=split)
 
 
 def _load_json(name: str, pattern: str, split: str):
     """The JSON-lines files matching `pattern` in the dataset repository `name`, read without its loading script."""
     source = _mirrored(name)
     files = str(source / pattern) if source else f"hf://datasets/{name}/{pattern}"
+    return _read(f"{files} (split {split!r})", source is not None, "json", data_files={split: files}, split=split)
+
+
+def _read(what: str, local: bool, *args, **kwargs):
+    """`datasets.load_dataset(*args, **kwargs)`; any failure (no network, unknown config, hub errors) is a
+    ValueError that names `what` and says to use local files. A `local` copy is read again every time, since
+    the datasets cache keys a local folder by its card and file names, not its content, and would serve (and
+    check sizes against) an earlier copy of the same name."""
+    fresh = {"download_mode": "force_redownload", "verification_mode": "no_checks"} if local else {}
     try:
         from datasets import load_dataset
 
-        return load_dataset("json", data_files={split: files}, split=split, **_fresh(source))
+        return load_dataset(*args, **kwargs, **fresh)
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"could not read {files} (split {split!r}): {first}. Without a network, give local files "
-                         "with --train-file and --eval-file") from None
-
-
-def _fresh(source: Path | None) -> dict:
-    """load_dataset options for a local copy: read it again every time, since the datasets cache keys a local
-    folder by its card and file names, not its content, and would serve (and check sizes against) an earlier
-    copy of the same name."""
-    return {"download_mode": "force_redownload", "verification_mode": "no_checks"} if source is not None else {}
+        raise ValueError(f"could not load {what}: {first}. Without a network, give local files with --train-file "
+                         "and --eval-file") from None
 
 
 def _mirrored(name: str) -> Path | None:

@@ -240,13 +240,12 @@ def _encode(family, tokenizer, examples, labels, max_length, seq2seq: bool, trai
     """The model inputs of `examples` (training ones, or evaluation ones of `lang`), saying on stderr how many
     were cut to `max_length` tokens."""
     if seq2seq:
-        from .families import Features
+        from .families import Features, tokenize
 
         sources, targets = zip(*(family.text_pair(ex) for ex in examples))
-        enc = tokenizer(list(sources), text_target=list(targets), truncation=True, max_length=max_length)
-        whole = tokenizer(list(sources), truncation=False, verbose=False)["input_ids"]
+        enc, truncated = tokenize(tokenizer, list(sources), text_target=list(targets), max_length=max_length)
         features = Features([{key: enc[key][i] for key in enc.keys()} for i in range(len(examples))],
-                            truncated=sum(len(ids) > max_length for ids in whole))
+                            truncated=truncated)
     else:
         features = family.encode(tokenizer, examples, labels, max_length, train)
     if features.truncated:
