@@ -82,6 +82,8 @@ def compress(
     backend: str = typer.Option("faiss", "--backend", help="k-means backend: faiss, or torch (runs on GPU where there is one)."),
     seed: int = typer.Option(0, "--seed", help="Random seed of k-means."),
     niter: int = typer.Option(25, "--niter", help="k-means iterations."),
+    kmeans: str = typer.Option("auto", "--kmeans", help="auto (two-level k-means where exact k-means would be slow: "
+                                                        "large k, many points), exact, or two-level."),
     weights: Optional[str] = typer.Option(
         None, "--weights", help="Frequency-aware k-means: wordfreq, wordfreq:LANG[,LANG], or a counts file "
                                 "(token<TAB>count per line, or JSON)."),
@@ -130,10 +132,11 @@ def compress(
         if tokenizer is None:
             raise ValueError(f"{source} holds no tokenizer: --auto measures candidates on text; pass --k and --m")
         config = _auto_config(dense, tokenizer, budget, max_bytes, max_kl, target_ppl_ratio, text, targets=targets,
-                              backend=backend, seed=seed, niter=niter, weights=weights, dtype=dtype)
+                              backend=backend, seed=seed, niter=niter, kmeans=kmeans, weights=weights, dtype=dtype)
     else:
         config = _method_config(method, vocab_size, dim, budget, k=k, m=m, shared=shared, targets=targets,
-                                backend=backend, seed=seed, niter=niter, weights=weights, norms=norms, dtype=dtype)
+                                backend=backend, seed=seed, niter=niter, kmeans=kmeans, weights=weights, norms=norms,
+                                dtype=dtype)
     reference = copy.deepcopy(dense) if fidelity and tokenizer is not None else None
     report = compress_model(dense, config, tokenizer=tokenizer, progress=True)
     measured = None
@@ -471,8 +474,8 @@ def _split_list(text: str | None) -> list[str] | None:
     return [part.strip() for part in text.split(",") if part.strip()] if text else None
 
 
-def _method_config(method, vocab_size, dim, budget, *, k, m, shared, targets, backend, seed, niter, weights=None,
-                   norms=None, dtype=None):
+def _method_config(method, vocab_size, dim, budget, *, k, m, shared, targets, backend, seed, niter, kmeans="auto",
+                   weights=None, norms=None, dtype=None):
     """The config `asg compress` builds from its options, saying on stderr what it chose for ASG and why."""
     from . import methods
     from .config import suggest_k_m
@@ -486,7 +489,7 @@ def _method_config(method, vocab_size, dim, budget, *, k, m, shared, targets, ba
                    f"table: {why}. Pass --k and --m to choose.", err=True)
     return methods.config_from_options(method, (vocab_size, dim), budget=budget, k=k, m=m,
                                        codebook="shared" if shared else None, targets=targets, niter=niter, seed=seed,
-                                       backend=backend, weights=weights, norms=norms, dtype=dtype)
+                                       backend=backend, kmeans=kmeans, weights=weights, norms=norms, dtype=dtype)
 
 
 def _auto_config(dense, tokenizer, budget, max_bytes, max_kl, target_ppl_ratio, text, **fit_options):

@@ -12,6 +12,7 @@ from .methods import largest
 CODEBOOKS = ("separate", "shared")
 TARGETS = ("input", "output")
 BACKENDS = ("faiss", "torch")
+KMEANS = ("auto", "exact", "two-level")  # see pq.fit
 
 
 def _divisors(n: int) -> list[int]:
@@ -139,6 +140,14 @@ class MethodConfig(SerializableConfig):
         return bits_for(entries) / 8 if by == "bytes" else 0
 
 
+def check_kmeans(kmeans: str, backend: str) -> None:
+    """ValueError unless `kmeans` is a k-means mode that `backend` runs."""
+    if kmeans not in KMEANS:
+        raise ValueError(f"unknown kmeans {kmeans!r}: use 'auto' (two-level where exact is slow), 'exact' or 'two-level'")
+    if kmeans == "two-level" and backend != "faiss":
+        raise ValueError("kmeans='two-level' runs on the faiss backend: use backend='faiss', or kmeans='exact'")
+
+
 @dataclass
 class ASGConfig(MethodConfig):
     """How to compress: k concept vectors per codebook, m segments per token, and how to fit them.
@@ -150,6 +159,8 @@ class ASGConfig(MethodConfig):
     (the wordfreq package), the path of a counts file, or an array with one weight per token.
     `norms="row"` keeps each token's original length (its direction comes from the concepts; one
     trainable norm per row), `"scalar"` gives every row one shared trainable length.
+    `kmeans="auto"` fits paper-scale codebooks (k in the thousands over many points) by two-level k-means,
+    minutes instead of hours at 0.6-3% more error (`asg.twolevel`); "exact" and "two-level" force one.
     `dtype` ("bfloat16", "float16" or "float32") is the precision the codebooks and norms are stored in:
     the fitted values are rounded to it, so that the folder holds them exactly; None keeps the model's.
     """
@@ -161,6 +172,7 @@ class ASGConfig(MethodConfig):
     niter: int = 25
     seed: int = 0
     backend: str = "faiss"
+    kmeans: str = "auto"
     weights: Any = field(default=None, compare=False, repr=False)
     norms: str | None = None
     dtype: str | None = None
@@ -183,6 +195,7 @@ class ASGConfig(MethodConfig):
             raise ValueError(f"unknown codebook {self.codebook!r}: use 'separate' (one codebook per segment) or 'shared' (one for all)")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}: use 'faiss' (default) or 'torch' (no faiss needed, runs on GPU)")
+        check_kmeans(self.kmeans, self.backend)
         if self.norms not in NORM_MODES:
             raise ValueError(f"unknown norms {self.norms!r}: use None, 'row' (one length per token) or 'scalar' (one for all)")
         if self.dtype is not None and self.dtype not in STORAGE_DTYPES:

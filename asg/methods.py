@@ -62,7 +62,7 @@ def config_from_plan(plan: dict[str, Any]):
 
 
 #: k-means settings that commands pass to every method; a method without k-means ignores them.
-SHARED_OPTIONS = ("niter", "seed", "backend")
+SHARED_OPTIONS = ("niter", "seed", "backend", "kmeans")
 
 
 def config_from_options(method: str, shape: tuple[int, int], *, budget: float | str | None = None,

@@ -471,7 +471,8 @@ def fit_asg(config: ASGConfig, weight: torch.Tensor, name: str, progress: bool, 
         raise ValueError(f"the {name} table has {weight.shape[0]} rows but the weights have {len(weights)}; "
                          "compress that table unweighted (targets) or give weights for its vocabulary")
     fit = pq.fit(weight, config.k, config.m, codebook=config.codebook, niter=config.niter, seed=config.seed,
-                 backend=config.backend, progress=progress, desc=f"k-means {name}", weights=weights)
+                 backend=config.backend, progress=progress, desc=f"k-means {name}", weights=weights,
+                 kmeans=config.kmeans)
     module = ASGEmbedding.from_pq(fit.codebooks, fit.codes, dtype=weight.dtype, device=weight.device, **kwargs)
     module.set_norms_(config.norms, torch.linalg.vector_norm(weight.detach().float(), dim=1))
     module.round_to_storage_(STORAGE_DTYPES.get(config.dtype))

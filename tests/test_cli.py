@@ -74,7 +74,8 @@ def test_shared_and_targets_options(model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     plan = asg.read_plan(out)
     assert plan["config"] == {"k": 32, "m": 8, "codebook": "shared", "targets": ["input"], "niter": 25,
-                              "seed": 3, "backend": "torch", "weights": None, "norms": None, "dtype": None}
+                              "seed": 3, "backend": "torch", "kmeans": "auto", "weights": None,
+                              "norms": None, "dtype": None}
     assert set(plan["tables"]) == {"input"}
     assert_user_error(run("inspect", str(out), "--token", "father", "--table", "output"), "no compressed output table")
 

