@@ -2,7 +2,8 @@
 
 The library (`csrc/asg_kernels.c`, OpenMP) scores hidden states against the compact codes with
 per-segment lookup tables (paper eq. 2: it reads V·m small integers instead of V·D floats),
-rebuilds table rows from codebooks, and finds row minima for the k-means assignment step. It is built with the system C compiler (`$CC`, else `cc`) into
+rebuilds table rows from codebooks, finds row minima for the k-means assignment step, and finds the nearest
+centroid of low-dimensional points without a score matrix (`nearest`). It is built with the system C compiler (`$CC`, else `cc`) into
 `$ASG_CACHE_DIR` (default `~/.cache/asg`), once per source version and CPU. Where no compiler works,
 or `ASG_NO_KERNELS=1`, every caller falls back to torch code that computes the same numbers more
 slowly, and asg says so once.
@@ -131,6 +132,43 @@ def argmin_rows(matrix: torch.Tensor, out: torch.Tensor) -> None:
                               ctypes.c_int(torch.get_num_threads()))
 
 
+def nearest(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index (n,) int64 of the centroid (k, d) nearest to each row of points (n, d) in squared distance (either
+    one where two are equally near), float32 CPU tensors. Exact for rows in any order, fast for small d when
+    the rows come sorted by their first value: a group of neighbouring rows then scores only the centroids
+    whose first value is close to theirs (see `asg.lowdim`)."""
+    _check_float32(points, "points")
+    _check_float32(centroids, "centroids")
+    if points.dim() != 2 or centroids.dim() != 2 or centroids.shape[1] != points.shape[1] or not len(centroids):
+        raise ValueError("nearest needs points (n, d) and centroids (k, d) with k >= 1, of the same d")
+    num, dim = points.shape
+    k = len(centroids)
+    lib = library()
+    lanes, group = lib.asg_lanes(), lib.asg_group()  # the padding the build expects
+    order = torch.argsort(centroids[:, 0], stable=True)  # blocks of neighbouring first values
+    ranked = centroids[order]
+    padded = -(-k // lanes) * lanes
+    transposed = torch.zeros(dim, padded)
+    transposed[:, :k] = ranked.T
+    half_lengths = torch.full((padded,), torch.finfo(torch.float32).max)  # padding never wins a strict comparison
+    half_lengths[:k] = 0.5 * ranked.square().sum(1)
+    firsts = ranked[:, 0]
+    low = firsts[::lanes].contiguous()
+    high = firsts[torch.clamp(torch.arange(lanes - 1, padded, lanes), max=k - 1)].contiguous()
+    whole = num - num % group
+    points = points.contiguous()
+    out = torch.empty(whole + (group if whole < num else 0), dtype=torch.int64)
+    parts = [(points[:whole], 0)]
+    if whole < num:  # the last rows, padded to a whole group with copies of the last one
+        parts.append((torch.cat([points[whole:], points[-1:].expand(group - (num - whole), dim)]), whole))
+    for rows, start in parts:
+        if len(rows):
+            lib.asg_nearest_sorted(_ptr(rows), _i64(len(rows)), _i64(dim), _ptr(transposed), _ptr(half_lengths),
+                                   _ptr(low), _ptr(high), _i64(padded), _ptr(out[start:]),
+                                   ctypes.c_int(torch.get_num_threads()))
+    return order[out[:num]]
+
+
 def check_ids(ids: torch.Tensor, vocab_size: int) -> None:
     """IndexError unless every token id is in 0..vocab_size-1 (what `nn.Embedding` raises, with the fix)."""
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
@@ -184,7 +222,7 @@ def _load() -> ctypes.CDLL | None:
         warnings.warn(f"asg: could not build its C kernels ({err}); the ASG head falls back to slower torch code. "
                       "Install a C compiler with OpenMP (gcc) to get the fast path.", stacklevel=3)
         return None
-    lib.asg_argmin_rows.restype = None
+    lib.asg_argmin_rows.restype = lib.asg_nearest_sorted.restype = None
     for suffix in _SUFFIX.values():
         for name in ("lut_rows", "lut_cols", "gather"):
             getattr(lib, f"asg_{name}_{suffix}").restype = None

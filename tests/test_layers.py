@@ -73,7 +73,8 @@ def test_the_bottom_layers_import_nothing_above_them():
     for leaf in ("asg.bitpack", "asg._version", "asg.atomic", "asg.methods", "asg.kernels", "asg.twolevel"):
         assert graph[leaf] == set(), leaf
     assert graph["asg.format"] <= {"asg.bitpack"}
-    assert graph["asg.pq"] <= {"asg.kernels", "asg.twolevel"} and graph["asg.config"] <= {"asg.methods", "asg.format", "asg.bitpack"}
+    assert graph["asg.lowdim"] <= {"asg.kernels"}
+    assert graph["asg.pq"] <= {"asg.kernels", "asg.lowdim", "asg.twolevel"} and graph["asg.config"] <= {"asg.methods", "asg.format", "asg.bitpack"}
     assert graph["asg.modules"] <= {"asg.kernels", "asg.pq", "asg.config", "asg.methods", "asg.format", "asg.fastpaths",
                                     "asg.bitpack"}
     assert graph["asg.fastpaths"] <= {"asg.kernels"}

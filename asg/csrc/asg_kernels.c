@@ -11,11 +11,37 @@
 #include <string.h>
 
 #define TOKEN_BLOCK 512
-#define LANES 16
 
-/* GCC/Clang vector types: SIMD on any target, no intrinsics. */
-typedef float floats __attribute__((vector_size(4 * LANES)));
-typedef int32_t ints __attribute__((vector_size(4 * LANES)));
+/* GCC/Clang vector types: SIMD on any target, no intrinsics. Their width is the target's own: vectors wider
+ * than its registers are lowered lane by lane, about 10x slower (measured on an AVX2 build). */
+#if defined(__AVX512F__)
+#define LANES 16
+#elif defined(__AVX__)
+#define LANES 8
+#else
+#define LANES 4
+#endif
+typedef float floats16 __attribute__((vector_size(64)));
+typedef int32_t ints16 __attribute__((vector_size(64)));
+typedef float floats8 __attribute__((vector_size(32)));
+typedef int32_t ints8 __attribute__((vector_size(32)));
+typedef float floats4 __attribute__((vector_size(16)));
+typedef int32_t ints4 __attribute__((vector_size(16)));
+typedef float floats2 __attribute__((vector_size(8)));
+typedef int32_t ints2 __attribute__((vector_size(8)));
+#if LANES == 16
+typedef floats16 floats;
+typedef ints16 ints;
+#elif LANES == 8
+typedef floats8 floats;
+typedef ints8 ints;
+#else
+typedef floats4 floats;
+typedef ints4 ints;
+#endif
+
+/* The vector width and the group size that the callers' padding must match. */
+int asg_lanes(void) { return LANES; }
 
 /* out[r] = index of the first minimum of row r of an (n, k) row-major matrix: the assignment step
  * of k-means after a matmul has scored every point against every centroid. */
@@ -42,6 +68,157 @@ void asg_argmin_rows(const float* x, int64_t n, int64_t k, int64_t* out, int nth
     for (; j < k; j++)
       if (row[j] < best) { best = row[j]; at = (int32_t)j; }
     out[r] = at;
+  }
+}
+
+#define GROUP 16 /* points scored together by asg_nearest_sorted: one pass over a block serves all of them */
+
+int asg_group(void) { return GROUP; }
+
+/* Lane-wise (value, index) minimum of the lower and the upper half of (v, i): HALVE(from, to) defines
+ * halve_<from>, from vectors of one width to vectors of half that width. */
+#define HALVE(FV, FI, TV, TI)                                                                   \
+  static inline void halve_##FV(FV v, FI i, TV* out_v, TI* out_i) {                             \
+    TV lo_v, hi_v;                                                                              \
+    TI lo_i, hi_i;                                                                              \
+    memcpy(&lo_v, &v, sizeof lo_v);                                                             \
+    memcpy(&hi_v, (const char*)&v + sizeof lo_v, sizeof hi_v);                                  \
+    memcpy(&lo_i, &i, sizeof lo_i);                                                             \
+    memcpy(&hi_i, (const char*)&i + sizeof lo_i, sizeof hi_i);                                  \
+    TI upper = hi_v < lo_v;                                                                     \
+    *out_v = (TV)((upper & (TI)hi_v) | (~upper & (TI)lo_v));                                    \
+    *out_i = (upper & hi_i) | (~upper & lo_i);                                                  \
+  }
+#if LANES == 16
+HALVE(floats16, ints16, floats8, ints8)
+#endif
+#if LANES >= 8
+HALVE(floats8, ints8, floats4, ints4)
+#endif
+HALVE(floats4, ints4, floats2, ints2)
+
+/* The lane-wise minimum of (v, i) halved down to two lanes, so that no loop over lanes runs per point. */
+static inline void halve_to_two(floats v, ints i, floats2* v2, ints2* i2) {
+  floats4 v4;
+  ints4 i4;
+#if LANES == 16
+  floats8 v8;
+  ints8 i8;
+  halve_floats16(v, i, &v8, &i8);
+  halve_floats8(v8, i8, &v4, &i4);
+#elif LANES == 8
+  halve_floats8(v, i, &v4, &i4);
+#else
+  v4 = v;
+  i4 = i;
+#endif
+  halve_floats4(v4, i4, v2, i2);
+}
+
+/* The index held by the lane of best_v with the smallest value (either one where two are equal). */
+static inline int32_t argmin_lanes(floats best_v, ints at_v) {
+  floats2 v2;
+  ints2 i2;
+  halve_to_two(best_v, at_v, &v2, &i2);
+  return v2[1] < v2[0] ? i2[1] : i2[0];
+}
+
+/* The smallest lane of v. */
+static inline float min_lane(floats v) {
+  floats2 v2;
+  ints2 i2;
+  ints none = {0};
+  halve_to_two(v, none, &v2, &i2);
+  return v2[1] < v2[0] ? v2[1] : v2[0];
+}
+
+/* Scores of GROUP points (rows of x, d values each) against the LANES centroids of block b, kept where
+ * lower than each lane's best so far: the score of centroid j is hn[j] - x.c_j, the squared distance less
+ * the point's own squared length, halved. */
+static inline __attribute__((always_inline)) void score_block(const float* x, int64_t d, const float* ct,
+                                                              const float* hn, int64_t kp, int64_t b,
+                                                              floats* best_v, ints* at_v) {
+  int64_t j = b * LANES;
+  floats s[GROUP], h, c;
+  memcpy(&h, hn + j, sizeof h);
+  for (int p = 0; p < GROUP; p++) s[p] = h;
+  for (int64_t l = 0; l < d; l++) {
+    memcpy(&c, ct + l * kp + j, sizeof c);
+    for (int p = 0; p < GROUP; p++) s[p] -= x[p * d + l] * c;
+  }
+  ints pos = {0};
+  for (int l = 0; l < LANES; l++) pos[l] = (int32_t)j + l;
+  for (int p = 0; p < GROUP; p++) {
+    ints lower = s[p] < best_v[p];
+    best_v[p] = (floats)((lower & (ints)s[p]) | (~lower & (ints)best_v[p]));
+    at_v[p] = (lower & pos) | (~lower & at_v[p]);
+  }
+}
+
+/* Whether a block at or beyond `edge` (the first value where the remaining blocks begin, going right, or end,
+ * going left) may hold a centroid nearer than the best so far to one of the GROUP points: every centroid
+ * there lies at least the gap along the first value away. */
+static inline __attribute__((always_inline)) int worth_scoring(const float* x, int64_t d, float edge, int right,
+                                                               const float* half_len, float* bound,
+                                                               const floats* best_v) {
+  for (int p = 0; p < GROUP; p++) {
+    float gap = right ? edge - x[p * d] : x[p * d] - edge;
+    float need = gap > 0.f ? 0.5f * gap * gap : 0.f;
+    if (need < bound[p]) {  /* the bound may be stale (too high): refresh it before deciding */
+      bound[p] = min_lane(best_v[p]) + half_len[p];
+      if (need < bound[p]) return 1;
+    }
+  }
+  return 0;
+}
+
+static inline __attribute__((always_inline)) void nearest_group(const float* x, int64_t d, const float* ct,
+                                                                const float* hn, const float* lo, const float* hi,
+                                                                int64_t kp, int64_t* out) {
+  int64_t blocks = kp / LANES;
+  floats best_v[GROUP];
+  ints at_v[GROUP];
+  float half_len[GROUP], bound[GROUP];
+  for (int p = 0; p < GROUP; p++) {
+    for (int l = 0; l < LANES; l++) { best_v[p][l] = FLT_MAX; at_v[p][l] = 0; }
+    float q = 0.f;
+    for (int64_t l = 0; l < d; l++) q += x[p * d + l] * x[p * d + l];
+    half_len[p] = 0.5f * q;
+    bound[p] = FLT_MAX;
+  }
+  /* Start at the block holding the middle point's first value, then widen both ways while it may pay. */
+  float middle = x[(GROUP / 2) * d];
+  int64_t a = 0, z = blocks - 1;
+  while (a < z) {
+    int64_t mid = (a + z) / 2;
+    if (hi[mid] < middle) a = mid + 1; else z = mid;
+  }
+  score_block(x, d, ct, hn, kp, a, best_v, at_v);
+  for (int64_t b = a + 1; b < blocks && worth_scoring(x, d, lo[b], 1, half_len, bound, best_v); b++)
+    score_block(x, d, ct, hn, kp, b, best_v, at_v);
+  for (int64_t b = a - 1; b >= 0 && worth_scoring(x, d, hi[b], 0, half_len, bound, best_v); b--)
+    score_block(x, d, ct, hn, kp, b, best_v, at_v);
+  for (int p = 0; p < GROUP; p++) out[p] = argmin_lanes(best_v[p], at_v[p]);
+}
+
+/* out[r] = index of the centroid nearest to row r of an (n, d) matrix whose rows are sorted by their first
+ * value, n a multiple of GROUP: the k-means assignment step for small d, where the (n, k) score matrix that
+ * a matmul writes costs more than the arithmetic. Centroids come sorted by their first value, transposed and
+ * padded, ct (d, kp) with kp a multiple of LANES, with half their squared lengths hn (kp; FLT_MAX pads, which
+ * therefore never win) and the range [lo[b], hi[b]] of the first values in each block b of LANES centroids.
+ * Scanning out from the block of the group's middle point, blocks that cannot beat the best so far along the
+ * first value are skipped, so that a group scores the few blocks near it instead of all of them; the answer
+ * is exact for rows in any order, the saving comes from sorted ones. Among equally near centroids, any may be
+ * returned. */
+void asg_nearest_sorted(const float* x, int64_t n, int64_t d, const float* ct, const float* hn, const float* lo,
+                        const float* hi, int64_t kp, int64_t* out, int nthreads) {
+  _Pragma("omp parallel for schedule(dynamic, 64) num_threads(nthreads)")
+  for (int64_t r = 0; r < n; r += GROUP) {
+    switch (d) {  /* a constant d unrolls the loops over it */
+      case 1: nearest_group(x + r, 1, ct, hn, lo, hi, kp, out + r); break;
+      case 2: nearest_group(x + r * 2, 2, ct, hn, lo, hi, kp, out + r); break;
+      default: nearest_group(x + r * d, d, ct, hn, lo, hi, kp, out + r);
+    }
   }
 }
 
