@@ -12,6 +12,7 @@ import time
 import weakref
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -47,6 +48,9 @@ class FastPaths:
     def __init__(self) -> None:
         self.path_times: dict[int, dict[str, float]] = {}  # logits: seconds per row of each path, by size class
         self._scale = VersionCache()
+        self._byte_codes = VersionCache()
+        #: Small batches score with 8-bit lookup tables (`approximate_logits`) where the CPU has the kernel.
+        self.approximate = False
 
     @staticmethod
     def applies(codebooks: torch.Tensor) -> bool:
@@ -75,6 +79,8 @@ class FastPaths:
         """Scores (N, V) of hidden states (N, D), row scale applied, by the path `choose` picks."""
         path, bucket = self.choose(flat.shape[0])
         start = time.perf_counter()
+        if path == "lookup" and self.approximate and flat.shape[0] <= kernels.ROWS_MAX and self.approximates(table):
+            return torch.stack([self.approximate_logits(table, row) for row in flat])
         if path == "lookup":
             out = kernels.lut_logits(table.segment_scores(flat), table.checked_codes(), codes_checked=True)
             if table.norms is not None:
@@ -83,6 +89,40 @@ class FastPaths:
             out = F.linear(flat, table.weight)
         if bucket is not None:
             bucket[path] = (time.perf_counter() - start) / flat.shape[0]
+        return out
+
+    @staticmethod
+    def approximates(table) -> bool:
+        """Whether `approximate_logits` can score this table here: k <= 1024 and a CPU with AVX-512 VBMI."""
+        return table.k <= 1024 and kernels.byte_lookups()
+
+    def approximate_logits(self, table, hidden: torch.Tensor) -> torch.Tensor:
+        """Scores (V,) of one hidden state (D,), row scale applied, from lookup tables rounded to 8 bits (one
+        step for all segments, so that the kernel sums bytes 64 tokens at a time): each score is within
+        `bound` = m · step / 2 of eq. 2, and every token whose score could be the largest within that bound is
+        scored again exactly, so the top token (and any other that could beat it) is exact."""
+        scores = table.segment_scores(hidden[None])[0]  # (m, k)
+        lows, highs = torch.aminmax(scores, dim=1)
+        step = float((highs - lows).max()) / 255 or 1.0
+        layout = self._byte_codes.get((table.codes,), lambda: kernels.byte_codes(table.checked_codes(), table.k))
+        # nearest byte: scores - lows lies in [0, 255·step], so + 1/2 and truncation round without a clamp
+        rounded = ((scores - lows[:, None]) / step).add_(0.5).to(torch.uint8)
+        if table.k < 128 << layout.levels:
+            rounded = torch.cat([rounded, rounded.new_zeros(table.m, (128 << layout.levels) - table.k)], 1)
+        out = kernels.lut_bytes(rounded, layout, step, float(lows.sum()))
+        # the rounding's worst case, and float rounding of the sums on top
+        bound = table.m * step / 2 * (1 + 1e-4) + 1e-5 * float(lows.abs().sum() + 255 * table.m * step)
+        values = out.numpy()  # numpy finds the few indices 5x faster than torch.nonzero
+        if table.norms is None:
+            near = np.flatnonzero(values >= values.max() - 2 * bound)
+        else:
+            scale = table.row_scale()
+            out *= scale
+            margin = bound * scale.numpy()
+            near = np.flatnonzero(values + margin >= (values - margin).max())
+        near = torch.from_numpy(near)
+        exact = scores.gather(1, table.checked_codes()[near].long().T).sum(0)
+        out[near] = exact if table.norms is None else exact * table.row_scale()[near]
         return out
 
     def choose(self, rows: int) -> tuple[str, dict | None]:
@@ -99,7 +139,11 @@ class FastPaths:
         return min(times, key=times.get), None
 
     def __getstate__(self) -> dict:
-        return {"path_times": {}, "_scale": VersionCache()}
+        return {"approximate": self.approximate}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()  # caches start empty; pickles from before a field existed get its default
+        self.approximate = bool(state.get("approximate", False))
 
 
 class GatherRows(torch.autograd.Function):

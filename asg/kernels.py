@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -169,6 +170,59 @@ def nearest(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return order[out[:num]]
 
 
+class ByteCodes(NamedTuple):
+    """A code table laid out for `lut_bytes`: per block of 64 tokens and segment, the codes' bits 0-6 as 64
+    bytes (`low`, (blocks, m, 64) uint8) and each higher bit as a 64-bit mask (`high`, (blocks, m, levels)
+    int64); `levels` = log2 of the 128-entry chunks a segment's table needs (0-3, so k <= 1024)."""
+
+    low: torch.Tensor
+    high: torch.Tensor
+    levels: int
+    vocab: int
+
+
+def byte_lookups() -> bool:
+    """Whether this build has the 8-bit lookup kernel (AVX-512 VBMI)."""
+    lib = library()
+    return lib is not None and bool(lib.asg_byte_lookups())
+
+
+def byte_codes(codes: torch.Tensor, k: int) -> ByteCodes:
+    """`codes` (V, m), values in 0..k-1 with k <= 1024, in the layout `lut_bytes` reads (1.4 bytes a code)."""
+    if not 2 <= k <= 1024:
+        raise ValueError(f"8-bit lookups take k <= 1024 concepts per segment, not {k}")
+    levels = max(0, (k - 1).bit_length() - 7)
+    vocab, m = codes.shape
+    blocks = -(-vocab // 64)
+    padded = torch.zeros(blocks * 64, m, dtype=torch.int32)
+    padded[:vocab] = codes
+    per_block = padded.view(blocks, 64, m).transpose(1, 2)  # (blocks, m, 64 tokens)
+    low = (per_block & 127).to(torch.uint8).contiguous()
+    bits = torch.stack([(per_block >> (7 + h)) & 1 for h in range(levels)], 2) if levels else \
+        torch.zeros(blocks, m, 0, 64, dtype=torch.int32)
+    weights = torch.ones(64, dtype=torch.int64) << torch.arange(64)  # bit j: token j of the block
+    high = (bits.to(torch.int64) * weights).sum(-1).contiguous()  # wraps into the sign bit for token 63, as intended
+    return ByteCodes(low, high, levels, vocab)
+
+
+def lut_bytes(tables: torch.Tensor, layout: ByteCodes, step: float = 1.0, offset: float = 0.0) -> torch.Tensor:
+    """step · Σ_i tables[i, code(t, i)] + offset for every token t (V,) float32, from 8-bit tables (m, 128 << levels)
+    uint8 and codes in `byte_codes` layout; the sums of the integers are exact (the rounding is the caller's)."""
+    blocks, m, _ = layout.low.shape
+    if tables.dtype != torch.uint8 or tuple(tables.shape) != (m, 128 << layout.levels):
+        raise ValueError(f"tables must be ({m}, {128 << layout.levels}) uint8, got {tuple(tables.shape)} {tables.dtype}")
+    if tuple(layout.high.shape) != (blocks, m, layout.levels) or not (layout.low.is_contiguous() and layout.high.is_contiguous()):
+        raise ValueError("codes are not in the layout byte_codes builds")
+    if not byte_lookups():
+        raise RuntimeError("this build has no 8-bit lookup kernel (it needs AVX-512 VBMI)")
+    tables = tables.contiguous()
+    out = torch.empty(blocks * 64, dtype=torch.float32)
+    library().asg_lut_bytes(_ptr(tables), _ptr(layout.low), _ptr(layout.high), _i64(blocks), _i64(m),
+                            _i64(layout.levels), ctypes.c_float(step), ctypes.c_float(offset), _ptr(out),
+                            ctypes.c_int(torch.get_num_threads()))
+    return out[:layout.vocab]
+
+
 def check_ids(ids: torch.Tensor, vocab_size: int) -> None:
     """IndexError unless every token id is in 0..vocab_size-1 (what `nn.Embedding` raises, with the fix)."""
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
@@ -223,6 +277,8 @@ def _load() -> ctypes.CDLL | None:
                       "Install a C compiler with OpenMP (gcc) to get the fast path.", stacklevel=3)
         return None
     lib.asg_argmin_rows.restype = lib.asg_nearest_sorted.restype = None
+    if lib.asg_byte_lookups():
+        lib.asg_lut_bytes.restype = None
     for suffix in _SUFFIX.values():
         for name in ("lut_rows", "lut_cols", "gather"):
             getattr(lib, f"asg_{name}_{suffix}").restype = None

@@ -11,6 +11,7 @@ memory, greedy generation speed and the first tokens of a few generations side b
     python experiments/gemma3_270m.py [--calibration-steps 300] [--out results/gemma3-270m]
     python experiments/gemma3_270m.py --variants "m=160, norms=scalar" "m=320" --calibrate "ASG k=1024 m=320, norms=scalar" \
         --out results/gemma3-270m-m320
+    python experiments/gemma3_270m.py --variants "k=64 m=320" "k=8 m=640" --calibration-steps 0
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ PROMPTS = ["The capital of France is", "My favourite food is", "Once upon a time
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calibration-steps", type=int, default=300)
+    parser.add_argument("--calibration-steps", type=int, default=300, help="0: measure the settings, calibrate none")
     parser.add_argument("--calibration-lr", type=float, default=1e-3)
     parser.add_argument("--out", default="results/gemma3-270m")
     parser.add_argument("--variants", nargs="*", help="Only the ASG settings whose names contain one of these strings.")
@@ -89,6 +90,9 @@ def main() -> None:
         ("ASG k=1024 m=160, norms=row", dict(k=1024, m=160, norms="row")),
         ("ASG k=1024 m=160, norms=scalar", dict(k=1024, m=160, norms="scalar")),
         ("ASG k=1024 m=320, norms=scalar", dict(k=1024, m=320, norms="scalar")),
+        # within 10% of the float32 table's bytes: 6-bit codes for 2-value concepts, 3-bit codes for single values
+        ("ASG k=64 m=320, norms=scalar", dict(k=64, m=320, norms="scalar")),
+        ("ASG k=8 m=640, norms=scalar", dict(k=8, m=640, norms="scalar")),
         ("ASG shared k=4096 m=80, norms=row", dict(k=4096, m=80, codebook="shared", norms="row")),
         ("ASG k=1024 m=80, norms=row, input only", dict(k=1024, m=80, norms="row", targets=("input",))),
     ]
@@ -103,6 +107,8 @@ def main() -> None:
         scores[name] = measure(name, model, report, f"fit {seconds:.0f} s")["perplexity"]
         compressed[name], reports[name] = model, report
 
+    if args.calibration_steps == 0:  # the frontier only
+        return
     # calibrate the best setting that compresses both sides
     best = args.calibrate or min((name for name in scores if "input only" not in name), key=scores.get)
     if best not in compressed:

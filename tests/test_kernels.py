@@ -149,3 +149,71 @@ def test_copies_and_pickles_start_with_fresh_caches_and_give_the_same_logits():
             torch.testing.assert_close(twin.logits(hidden), 2 * want[0], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(module.logits(hidden).detach(), want[0], rtol=1e-4, atol=1e-4)
 
+
+
+needs_bytes = pytest.mark.skipif(not kernels.byte_lookups(), reason="the 8-bit lookup kernel needs AVX-512 VBMI")
+
+
+@needs_bytes
+@pytest.mark.parametrize("vocab, m, k", [(1, 1, 2), (63, 3, 100), (64, 2, 128), (200, 5, 129), (130, 4, 256),
+                                         (777, 300, 512), (1000, 3, 1024)])
+def test_byte_lookups_sum_exactly_the_bytes_each_code_picks(vocab, m, k):
+    gen = torch.Generator().manual_seed(vocab)
+    codes = torch.randint(0, k, (vocab, m), generator=gen).to(torch.uint8 if k <= 256 else torch.int16)
+    layout = kernels.byte_codes(codes, k)
+    tables = torch.randint(0, 256, (m, 128 << layout.levels), dtype=torch.uint8, generator=gen)
+    want = tables.long()[torch.arange(m), codes.long()].sum(1).double()
+    got = kernels.lut_bytes(tables, layout, 0.5, -3.0)  # m = 300: more than 256 byte sums, carried to floats
+    torch.testing.assert_close(got.double(), 0.5 * want - 3.0, rtol=0, atol=1e-6 * float(want.abs().max() + 3))
+
+
+@needs_bytes
+def test_byte_lookups_check_what_reaches_the_kernel():
+    layout = kernels.byte_codes(torch.randint(0, 300, (100, 4)), 300)
+    with pytest.raises(ValueError, match="uint8"):
+        kernels.lut_bytes(torch.zeros(4, 512), layout)
+    with pytest.raises(ValueError, match=r"\(4, 512\)"):
+        kernels.lut_bytes(torch.zeros(4, 256, dtype=torch.uint8), layout)
+    with pytest.raises(ValueError, match="k <= 1024"):
+        kernels.byte_codes(torch.zeros(10, 2, dtype=torch.int16), 2048)
+
+
+@needs_bytes
+@pytest.mark.parametrize("norms", [None, "row"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_approximate_head_stays_within_its_bound_and_keeps_the_top_tokens_exact(norms, shared):
+    module = random_module(vocab=5000, dim=64, k=1000, m=16, shared=shared, seed=3)
+    if norms:
+        module.set_norms_("row", torch.rand(5000) + 0.5)
+    head = asg.ASGHead(module)
+    hidden = torch.randn(2, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        exact = head(hidden)
+        head.approximate = True
+        assert head.approximate and module.fast.approximate
+        approx = head(hidden)
+        scores = module.segment_scores(hidden)
+    step = (scores.max(-1).values - scores.min(-1).values).max(-1).values / 255  # per row
+    scale = module.row_scale() if norms else torch.ones(5000)
+    bound = 16 * step[:, None] / 2 * scale * (1 + 1e-3) + 1e-4
+    assert ((approx - exact).abs() <= bound).all()
+    assert (approx - exact).abs().max() > 1e-3  # it did approximate
+    assert torch.equal(approx.argmax(-1), exact.argmax(-1))
+    # every token that could be the top one, judged from the approximate scores, was scored exactly
+    inner = 16 * step[:, None] / 2 * scale * 0.99
+    near = approx + inner >= (approx - inner).max(-1, keepdim=True).values
+    assert near.sum() >= 2
+    torch.testing.assert_close(approx[near], exact[near], rtol=1e-5, atol=1e-5)
+    assert copy.deepcopy(head).approximate  # the choice travels with copies
+    head.approximate = False
+    with torch.no_grad():
+        torch.testing.assert_close(head(hidden), exact, rtol=0, atol=0)  # and switching back is exact again
+
+
+def test_approximate_needs_an_asg_table():
+    from asg.baselines.lowrank import LowRankEmbedding
+
+    head = asg.ASGHead(LowRankEmbedding(10, 8, 2))
+    assert not head.approximate
+    with pytest.raises(ValueError, match="ASG table"):
+        head.approximate = True

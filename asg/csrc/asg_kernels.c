@@ -279,3 +279,65 @@ ASG_KERNELS(u8, uint8_t)
 ASG_KERNELS(i16, int16_t)
 ASG_KERNELS(u16, uint16_t)
 ASG_KERNELS(i32, int32_t)
+
+/* Approximate eq. 2 with 8-bit lookup tables, 64 tokens per instruction (AVX-512 VBMI's byte permutes, as
+ * faiss's fast-scan PQ does with 4-bit codes): sums[t] = sum_i q[i*kp + code(t, i)] for tokens in blocks of 64,
+ * read from an interleaved layout: low[(b*m + i)*64 + j] holds bits 0-6 of the code of token 64b + j in segment
+ * i, high[(b*m + i)*levels + h] a 64-bit mask of their bit 7 + h. q is (m, kp) uint8 with kp = 128 << levels
+ * (levels 0-3, k <= 1024); out[t] = step * sums[t] + offset. Builds without VBMI have no such kernel
+ * (asg_byte_lookups() == 0). */
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+int asg_byte_lookups(void) { return 1; }
+
+/* One block of 64 tokens; a constant `levels` (inlined below) unrolls the loops over chunks and levels and keeps
+ * the eight permuted vectors in registers. */
+static inline __attribute__((always_inline)) void lut_bytes_block(const uint8_t* q, const uint8_t* low,
+                                                                  const uint64_t* high, int64_t b, int64_t m,
+                                                                  int64_t levels, __m512 steps, __m512 offsets,
+                                                                  float* out) {
+  const int64_t kp = (int64_t)128 << levels;
+  __m512 total[4];
+  for (int v = 0; v < 4; v++) total[v] = _mm512_setzero_ps();
+  __m512i part_lo = _mm512_setzero_si512(), part_hi = _mm512_setzero_si512();
+  for (int64_t i = 0; i < m; i++) {
+    const uint8_t* table = q + i * kp;
+    __m512i idx = _mm512_loadu_si512(low + (b * m + i) * 64);
+    __m512i r[8];
+    for (int64_t h = 0; h < ((int64_t)1 << levels); h++)
+      r[h] = _mm512_permutex2var_epi8(_mm512_loadu_si512(table + 128 * h), idx, _mm512_loadu_si512(table + 128 * h + 64));
+    const uint64_t* bits = high + (b * m + i) * levels;
+    for (int64_t level = 0; level < levels; level++) {  /* bit 7 + level picks one of each pair */
+      __mmask64 pick = (__mmask64)bits[level];
+      for (int64_t h = 0; h < ((int64_t)1 << (levels - level - 1)); h++)
+        r[h] = _mm512_mask_blend_epi8(pick, r[2 * h], r[2 * h + 1]);
+    }
+    part_lo = _mm512_add_epi16(part_lo, _mm512_cvtepu8_epi16(_mm512_castsi512_si256(r[0])));
+    part_hi = _mm512_add_epi16(part_hi, _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(r[0], 1)));
+    if ((i + 1) % 256 == 0 || i + 1 == m) {  /* 256 sums of bytes fill 16 bits: carry them to floats */
+      total[0] = _mm512_add_ps(total[0], _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(part_lo))));
+      total[1] = _mm512_add_ps(total[1], _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(part_lo, 1))));
+      total[2] = _mm512_add_ps(total[2], _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(part_hi))));
+      total[3] = _mm512_add_ps(total[3], _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(part_hi, 1))));
+      part_lo = part_hi = _mm512_setzero_si512();
+    }
+  }
+  for (int v = 0; v < 4; v++) _mm512_storeu_ps(out + b * 64 + 16 * v, _mm512_fmadd_ps(total[v], steps, offsets));
+}
+
+void asg_lut_bytes(const uint8_t* q, const uint8_t* low, const uint64_t* high, int64_t blocks, int64_t m,
+                   int64_t levels, float step, float offset, float* out, int nthreads) {
+  __m512 steps = _mm512_set1_ps(step), offsets = _mm512_set1_ps(offset);
+  _Pragma("omp parallel for schedule(static) num_threads(nthreads)")
+  for (int64_t b = 0; b < blocks; b++) {
+    switch (levels) {
+      case 0: lut_bytes_block(q, low, high, b, m, 0, steps, offsets, out); break;
+      case 1: lut_bytes_block(q, low, high, b, m, 1, steps, offsets, out); break;
+      case 2: lut_bytes_block(q, low, high, b, m, 2, steps, offsets, out); break;
+      default: lut_bytes_block(q, low, high, b, m, 3, steps, offsets, out);
+    }
+  }
+}
+#else
+int asg_byte_lookups(void) { return 0; }
+#endif
