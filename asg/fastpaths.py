@@ -65,10 +65,9 @@ class FastPaths:
 
     @staticmethod
     def squared_lengths(table) -> torch.Tensor:
-        """||row||² of every row (V,): the lookup-table kernel summing each code's concept squared norm."""
-        squared = table.codebooks.square().sum(-1)
-        lut = squared.expand(table.m, table.k) if table.shared else squared.view(table.m, table.k)
-        return kernels.lut_logits(lut.reshape(1, table.m, table.k), table.checked_codes(), codes_checked=True)[0]
+        """||row||² of every row (V,): the lookup-table kernel summing each code's concept squared norm,
+        differentiable in the codebooks."""
+        return SquaredLengths.apply(table.codebooks.square().sum(-1), table.checked_codes(), table.m, table.shared)
 
     def row_scale(self, table, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The whole-vocabulary row scale for inference, computed again only when a tensor changed, so that
@@ -146,6 +145,28 @@ class FastPaths:
         self.approximate = bool(state.get("approximate", False))
 
 
+class SquaredLengths(torch.autograd.Function):
+    """Σ_i squared[concept of row t in segment i] for every row t, from the lookup kernel; the backward adds,
+    segment by segment, each row's gradient to the concepts it uses (no (V, m) index table)."""
+
+    @staticmethod
+    def forward(ctx, squared, codes, m, shared):
+        ctx.save_for_backward(codes)
+        ctx.shared, ctx.size = shared, squared.shape[0]
+        k = squared.shape[0] if shared else squared.shape[0] // m
+        ctx.k = k
+        lut = squared.expand(m, k) if shared else squared.view(m, k)
+        return kernels.lut_logits(lut.reshape(1, m, k).contiguous(), codes, codes_checked=True)[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (codes,) = ctx.saved_tensors
+        weights = grad.contiguous()
+        per_segment = torch.stack([torch.bincount(codes[:, i].long(), weights=weights, minlength=ctx.k)
+                                   for i in range(codes.shape[1])]).to(grad.dtype)  # (m, k)
+        return (per_segment.sum(0) if ctx.shared else per_segment.reshape(-1)), None, None, None
+
+
 class GatherRows(torch.autograd.Function):
     """Rows of an ASG table from the C gather kernel; the backward adds each row's gradient into the
     concept vectors it was built from (what F.embedding's backward does)."""
@@ -159,6 +180,8 @@ class GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         codes, ids = ctx.saved_tensors
+        if grad.dtype == torch.float32 and kernels.available():  # one pass in C, no (n, m) index table
+            return kernels.scatter(grad, codes, ctx.step, ctx.rows, None if ctx.all_rows else ids), None, None, None
         selected = codes if ctx.all_rows else codes[ids.reshape(-1)]
         m = codes.shape[1]
         concept_ids = selected.long() + torch.arange(m) * ctx.step

@@ -121,6 +121,28 @@ def gather(codebooks: torch.Tensor, codes: torch.Tensor, step: int, ids: torch.T
     return out
 
 
+def scatter(grad: torch.Tensor, codes: torch.Tensor, step: int, rows: int, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The gradient (rows, D/m) of the concept vectors that `gather` read: out[i·step + codes[t, i]] += grad[j, i]
+    for t = ids[j] (every token when None); grad (n, m·D/m) float32. Codes and ids must have been checked
+    (`gather` did, on the forward pass)."""
+    _check_float32(grad, "grad")
+    m = codes.shape[1]
+    count = codes.shape[0] if ids is None else ids.numel()
+    if grad.dim() != 2 or grad.shape[0] != count or grad.shape[1] % m:
+        raise ValueError(f"grad must be ({count}, m·D/m) for m={m}, got {tuple(grad.shape)}")
+    dim = grad.shape[1] // m
+    if rows < (m * step if step else 1):
+        raise ValueError(f"{rows} rows cannot hold {m} segments of {step} concepts")
+    grad, codes = grad.contiguous(), codes.contiguous()
+    if ids is not None:
+        ids = ids.reshape(-1).to(torch.int64).contiguous()
+    out = torch.zeros(rows, dim, dtype=torch.float32)
+    getattr(library(), f"asg_scatter_{_SUFFIX[codes.dtype]}")(
+        _ptr(grad), _ptr(codes), _ptr(ids) if ids is not None else None, _ptr(out), _i64(count), _i64(m), _i64(dim),
+        _i64(step), _i64(rows), ctypes.c_int(torch.get_num_threads()))
+    return out
+
+
 def argmin_rows(matrix: torch.Tensor, out: torch.Tensor) -> None:
     """out[r] = index of the first minimum of row r: matrix (n, k) float32 and out (n,) int64, both contiguous."""
     _check_float32(matrix, "matrix")
@@ -280,7 +302,7 @@ def _load() -> ctypes.CDLL | None:
     if lib.asg_byte_lookups():
         lib.asg_lut_bytes.restype = None
     for suffix in _SUFFIX.values():
-        for name in ("lut_rows", "lut_cols", "gather"):
+        for name in ("lut_rows", "lut_cols", "gather", "scatter"):
             getattr(lib, f"asg_{name}_{suffix}").restype = None
     return lib
 

@@ -344,7 +344,7 @@ class ASGEmbedding(CompressedEmbedding):
 
     def _squared_lengths(self) -> torch.Tensor:
         """||row||² of every row (V,)."""
-        if FastPaths.applies(self.codebooks) and not torch.is_grad_enabled():
+        if FastPaths.applies(self.codebooks):
             return self.fast.squared_lengths(self)
         return self.codebooks.square().sum(-1)[self.concept_ids()].sum(-1)
 

@@ -217,3 +217,34 @@ def test_approximate_needs_an_asg_table():
     assert not head.approximate
     with pytest.raises(ValueError, match="ASG table"):
         head.approximate = True
+
+
+@pytest.mark.parametrize("k, dtype", CODE_TYPES)
+@pytest.mark.parametrize("shared, ids", [(False, None), (True, None), (False, [3, 3, 0, 999]), (True, [5, 1, 5])])
+def test_scatter_is_the_gathers_backward(k, dtype, shared, ids):
+    module = random_module(k=k, shared=shared)
+    codes = module.codes
+    step = 0 if shared else k
+    ids = None if ids is None else torch.tensor(ids)
+    count = len(codes) if ids is None else len(ids)
+    grad = torch.randn(count, 32, generator=torch.Generator().manual_seed(2))
+    selected = codes if ids is None else codes[ids]
+    concept_ids = selected.long() + torch.arange(8) * step
+    want = torch.zeros(module.codebooks.shape[0], 4).index_add_(0, concept_ids.reshape(-1), grad.reshape(-1, 4))
+    got = kernels.scatter(grad, codes, step, module.codebooks.shape[0], ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="grad must be"):
+        kernels.scatter(grad[:, :30], codes, step, module.codebooks.shape[0], ids)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_kernel_gradients_of_rows_with_lengths_equal_the_torch_ones(shared):
+    module = random_module(k=50, shared=shared, seed=7)
+    module.set_norms_("row", torch.rand(1000, generator=torch.Generator().manual_seed(8)) + 0.5)
+    upstream = torch.randn(1000, 32, generator=torch.Generator().manual_seed(9))
+    (module.weight * upstream).sum().backward()
+    fast = module.codebooks.grad.clone()
+    module.codebooks.grad = None
+    with kernels.disabled():
+        (module.weight * upstream).sum().backward()
+    torch.testing.assert_close(fast, module.codebooks.grad, rtol=1e-4, atol=1e-4)

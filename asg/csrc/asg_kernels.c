@@ -6,6 +6,7 @@
  * Each kernel exists for every code type (uint8, int16, uint16, int32) and takes the thread count.
  */
 #include <float.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -270,9 +271,45 @@ void asg_gather_##NAME(const float* codebooks, const CODE* codes, const int64_t*
   for (int64_t j = 0; j < n; j++) {                                                                 \
     const CODE* c = codes + (ids ? ids[j] : j) * m;                                                 \
     float* o = out + j * m * ds;                                                                    \
-    for (int64_t i = 0; i < m; i++)                                                                 \
-      memcpy(o + i * ds, codebooks + (i * step + (int64_t)c[i]) * ds, sizeof(float) * ds);          \
+    if (ds == 2) /* fine segments: two floats are cheaper copied than passed to memcpy */          \
+      for (int64_t i = 0; i < m; i++) {                                                             \
+        const float* r = codebooks + (i * step + (int64_t)c[i]) * 2;                                \
+        o[2 * i] = r[0];                                                                            \
+        o[2 * i + 1] = r[1];                                                                        \
+      }                                                                                             \
+    else                                                                                            \
+      for (int64_t i = 0; i < m; i++)                                                               \
+        memcpy(o + i * ds, codebooks + (i * step + (int64_t)c[i]) * ds, sizeof(float) * ds);        \
   }                                                                                                 \
+}                                                                                                   \
+/* The gather's backward: out[i*step + codes[t, i]] += grad[j, i] for t = ids[j] (j when ids is NULL), out    \
+ * (rows, ds) zeroed by the caller. Each thread adds its share of the rows into a private copy (thread 0    \
+ * into out), so that no two threads write one concept, and the copies are summed at the end. */         \
+void asg_scatter_##NAME(const float* grad, const CODE* codes, const int64_t* ids, float* out, int64_t n,    \
+                        int64_t m, int64_t ds, int64_t step, int64_t rows, int nthreads) {               \
+  int threads = nthreads > 1 ? nthreads : 1;                                                        \
+  float* copies = threads > 1 ? (float*)calloc((size_t)(threads - 1) * rows * ds, sizeof(float)) : NULL; \
+  if (!copies) threads = 1;                                                                         \
+  _Pragma("omp parallel num_threads(threads)")                                                      \
+  {                                                                                                 \
+    int me = omp_get_thread_num();                                                                  \
+    float* acc = me == 0 ? out : copies + (int64_t)(me - 1) * rows * ds;                            \
+    _Pragma("omp for schedule(static)")                                                             \
+    for (int64_t j = 0; j < n; j++) {                                                               \
+      const CODE* c = codes + (ids ? ids[j] : j) * m;                                               \
+      const float* g = grad + j * m * ds;                                                           \
+      for (int64_t i = 0; i < m; i++) {                                                             \
+        float* dst = acc + (i * step + (int64_t)c[i]) * ds;                                         \
+        for (int64_t l = 0; l < ds; l++) dst[l] += g[i * ds + l];                                   \
+      }                                                                                             \
+    }                                                                                               \
+  }                                                                                                 \
+  for (int t = 1; t < threads; t++) {                                                               \
+    const float* part = copies + (int64_t)(t - 1) * rows * ds;                                      \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                              \
+    for (int64_t x = 0; x < rows * ds; x++) out[x] += part[x];                                      \
+  }                                                                                                 \
+  free(copies);                                                                                     \
 }
 
 ASG_KERNELS(u8, uint8_t)
