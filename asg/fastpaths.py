@@ -152,9 +152,8 @@ class SquaredLengths(torch.autograd.Function):
     @staticmethod
     def forward(ctx, squared, codes, m, shared):
         ctx.save_for_backward(codes)
-        ctx.shared, ctx.size = shared, squared.shape[0]
         k = squared.shape[0] if shared else squared.shape[0] // m
-        ctx.k = k
+        ctx.shared, ctx.k = shared, k
         lut = squared.expand(m, k) if shared else squared.view(m, k)
         return kernels.lut_logits(lut.reshape(1, m, k).contiguous(), codes, codes_checked=True)[0]
 

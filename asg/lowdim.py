@@ -1,8 +1,8 @@
 """Exact k-means for segments of one or two values (m = D or D/2): Lloyd iterations whose assignment step is the
 `nearest` C kernel, which scores groups of neighbouring points (sorted by their first value) against only the
-centroids whose first value is close, a vector of them (16 with AVX-512) per instruction, instead of writing the (points, k) score matrix that
-faiss's exact k-means computes with a matmul, which in one or two dimensions costs far more than the arithmetic.
-See `MAX_DIM` for the measured gain.
+centroids whose first value is close, a vector of them (16 with AVX-512) per instruction. faiss's exact
+k-means writes a (points, k) score matrix with a matmul instead, which in one or two dimensions costs far
+more than the arithmetic. See `MAX_DIM` for the measured gain.
 
 Numbers only, like `asg.pq`, which calls it: points (N, d) float32 in, centroids (k, d) and codes out.
 """

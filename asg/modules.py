@@ -456,9 +456,10 @@ class ASGHead(nn.Module):
     @property
     def approximate(self) -> bool:
         """Score batches of one or two hidden states with 8-bit lookup tables (ASG tables, k <= 1024, on a CPU
-        with AVX-512 VBMI; elsewhere this changes nothing): about 2x faster at batch 1. Every logit is within
-        m · step / 2 of eq. 2 (step: the largest segment table's range / 255), and the tokens that could be
-        the top one within that bound are scored exactly, so greedy decoding picks the same tokens."""
+        with AVX-512 VBMI; elsewhere this changes nothing): 1.7x faster than the exact lookups at batch 1
+        (benchmarks/RESULTS.md). Every logit is within m · step / 2 of eq. 2 (step: the largest segment
+        table's range / 255), and the tokens that could be the top one within that bound are scored exactly,
+        so greedy decoding picks the same tokens."""
         fast = getattr(self.embedding, "fast", None)
         return bool(fast and fast.approximate)
 
