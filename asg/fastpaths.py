@@ -121,7 +121,7 @@ class FastPaths:
             near = np.flatnonzero(values + margin >= (values - margin).max())
         near = torch.from_numpy(near)
         exact = scores.gather(1, table.checked_codes()[near].long().T).sum(0)
-        out[near] = exact if table.norms is None else exact * table.row_scale()[near]
+        out[near] = exact if table.norms is None else exact * scale[near]
         return out
 
     def choose(self, rows: int) -> tuple[str, dict | None]:

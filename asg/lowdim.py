@@ -18,7 +18,8 @@ from . import kernels
 #: took 2% of faiss's time at d=1 and 2 with k=1,024 (8% with k=256), but 0.9-1.2x at d=3-4 and 1.6-1.9x
 #: at d=8-16, where faiss's own kernels are fast (benchmarks/bench_fine_segments.py).
 MAX_DIM = 2
-_SPLIT_EPS = 1.0 / 1024.0
+#: How far a split moves the two halves of a cluster apart (faiss's value); `pq`'s torch k-means uses it too.
+SPLIT_EPS = 1.0 / 1024.0
 _CHUNK = 1 << 22  # points sorted and assigned at once by `assign`
 
 
@@ -99,7 +100,7 @@ def _split_empty(centroids: np.ndarray, counts: np.ndarray, rng: np.random.Gener
             return
         donor = rng.choice(len(counts), p=spare / spare.sum())
         sign = np.where(np.arange(centroids.shape[1]) % 2, -1.0, 1.0)
-        centroids[empty] = centroids[donor] * (1 + _SPLIT_EPS * sign)
-        centroids[donor] = centroids[donor] * (1 - _SPLIT_EPS * sign)
+        centroids[empty] = centroids[donor] * (1 + SPLIT_EPS * sign)
+        centroids[donor] = centroids[donor] * (1 - SPLIT_EPS * sign)
         counts[empty] = counts[donor] // 2
         counts[donor] -= counts[empty]

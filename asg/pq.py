@@ -23,7 +23,6 @@ from . import kernels, lowdim, twolevel
 #: faiss's default cap on training points per centroid; larger inputs are subsampled for training
 #: (every point is still assigned to its nearest centroid afterwards).
 MAX_POINTS_PER_CENTROID = 256
-_SPLIT_EPS = 1.0 / 1024.0
 _ASSIGN_BLOCK = 1 << 25  # distance-matrix elements computed at once by the torch backend (GPU)
 _CPU_TILE = 512  # points scored at once per segment on CPU: the (tile, k) scores stay in cache
 _warned_no_faiss = False
@@ -338,8 +337,8 @@ def _split_empty_clusters(centroids: torch.Tensor, counts: torch.Tensor, gen: to
             cj = int(torch.multinomial(weights, 1, generator=gen))
             sign = torch.ones_like(centroids[s, cj])
             sign[1::2] = -1
-            centroids[s, ci] = centroids[s, cj] * (1 + _SPLIT_EPS * sign)
-            centroids[s, cj] = centroids[s, cj] * (1 - _SPLIT_EPS * sign)
+            centroids[s, ci] = centroids[s, cj] * (1 + lowdim.SPLIT_EPS * sign)
+            centroids[s, cj] = centroids[s, cj] * (1 - lowdim.SPLIT_EPS * sign)
             counts[s, ci] = torch.floor(counts[s, cj] / 2)
             counts[s, cj] -= counts[s, ci]
 

