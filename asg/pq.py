@@ -184,14 +184,17 @@ def _fit_faiss(x: np.ndarray, k, m, codebook, niter, seed, progress, desc, weigh
         pooled = x.reshape(num_rows * m, sub)
         with tqdm(total=per_fit + 1, desc=f"{desc} (shared, {label})", unit="iter", disable=not progress) as bar:
             sample = _training_sample(len(pooled), k, seed)
-            assign = _fit_codebook(faiss, pooled if len(sample) == len(pooled) else pooled[sample], k, niter, seed,
-                                   None if weights is None else np.repeat(weights, m)[sample], bar, fast, small)
+            train = pooled if len(sample) == len(pooled) else pooled[sample]
+            train_weights = None if weights is None else np.repeat(weights, m)[sample]
+            del sample  # 8 bytes a training point: not held through the fit
+            assign = _fit_codebook(faiss, train, k, niter, seed, train_weights, bar, fast, small)
+            del train, train_weights
             bar.set_postfix_str(f"assigning {len(pooled):,} segments")
             idx = assign(pooled)
             bar.update()
         return PQFit(assign.centroids, idx.reshape(num_rows, m).astype(code_dtype(k)))
 
-    codebooks = np.empty((m, k, sub), dtype=np.float32)
+    codebooks = np.empty((m if m > 1 else 0, k, sub), dtype=np.float32)
     codes = np.empty((num_rows, m), dtype=code_dtype(k))
     with tqdm(total=m * per_fit, desc=f"{desc} ({label})", unit="iter", disable=not progress) as bar:
         for i in range(m):
@@ -202,7 +205,11 @@ def _fit_faiss(x: np.ndarray, k, m, codebook, niter, seed, progress, desc, weigh
             sample = _training_sample(num_rows, k, seed + i) if own_sample else slice(None)
             assign = _fit_codebook(faiss, segment[sample] if own_sample else segment, k, niter, seed + i,
                                    None if weights is None else weights[sample], bar, fast, small)
-            codebooks[i], codes[:, i] = assign.centroids, assign(segment)
+            codes[:, i] = assign(segment)
+            if m == 1:  # one segment (SG's groups): its centroids are the codebook, not copied into a second one
+                codebooks = assign.centroids[None]
+            else:
+                codebooks[i] = assign.centroids
     return PQFit(codebooks, codes)
 
 

@@ -27,7 +27,9 @@ import numpy as np
 NPROBE = 4
 #: Lloyd iterations over all cells after the per-cell fits.
 REFINE_ITERS = 8
-_CHUNK_VALUES = 1 << 24  # values of the points handled at once: bounds every temporary (64 MiB of float32)
+_CHUNK_VALUES = 1 << 23  # values of the points handled at once: bounds every temporary (32 MiB of float32; the
+# inverted-file search sorts nprobe int64 per point, 4x that)
+_ADD_VALUES = 1 << 21  # values summed into the centroids at once (their float64 group sums: 16 MiB)
 
 
 class TwoLevel(NamedTuple):
@@ -73,6 +75,7 @@ def kmeans(faiss, kmeans_exact, x: np.ndarray, k: int, niter: int, seed: int, we
             centroids[starts[j]:starts[j + 1]], _ = kmeans_exact(faiss, points, int(share[j]), niter, seed + 1 + j, w,
                                                                  fine_bar)
     fit = TwoLevel(centroids, coarse, starts)
+    del order, bounds, cell  # refinement holds only the probes: every array of the size of x counts in the peak
     for _ in range(REFINE_ITERS):
         fit = _lloyd(faiss, fit, x, weights, probes)
         bar.update()
@@ -128,21 +131,26 @@ def _lloyd(faiss, fit: TwoLevel, x: np.ndarray, weights, probes: np.ndarray) -> 
         w = None if weights is None else weights[part].astype(np.float64)
         mass += np.bincount(index, weights=w, minlength=k)
         _add_rows(sums, index, x[part], w)
-    filled = mass > 0  # the means, in place of the sums: no third (k, d) array
-    sums[filled] /= mass[filled, None].astype(np.float32)
+    filled = mass > 0  # the means, in place of the sums: no third (k, d) array (sums[filled] would copy)
+    np.divide(sums, mass[:, None].astype(np.float32), out=sums, where=filled[:, None])
     sums[~filled] = fit.centroids[~filled]
     return fit._replace(centroids=sums)
 
 
 def _add_rows(sums: np.ndarray, index: np.ndarray, rows: np.ndarray, weights: np.ndarray | None) -> None:
-    """sums[index[i]] += weights[i] · rows[i] for every i, by sorting (np.add.at on rows is slow)."""
-    order = np.argsort(index, kind="stable")
-    sorted_index = index[order]
-    starts = np.flatnonzero(np.r_[True, sorted_index[1:] != sorted_index[:-1]])
-    picked = rows[order].astype(np.float64)
-    if weights is not None:
-        picked *= weights[order, None]
-    sums[sorted_index[starts]] += np.add.reduceat(picked, starts, axis=0)
+    """sums[index[i]] += weights[i] · rows[i] for every i, by sorting (np.add.at on rows is slow), a slice of
+    `_ADD_VALUES` values at a time: where centroids have few points (SG) nearly every row starts a group of
+    its own, and the float64 group sums are then twice the rows' size."""
+    step = max(1, _ADD_VALUES // max(1, rows.shape[1]))
+    for start in range(0, len(rows), step):
+        part = slice(start, start + step)
+        order = np.argsort(index[part], kind="stable")
+        sorted_index = index[part][order]
+        starts = np.flatnonzero(np.r_[True, sorted_index[1:] != sorted_index[:-1]])
+        picked = rows[part][order]
+        if weights is not None:
+            picked = picked * weights[part][order, None]  # float64
+        sums[sorted_index[starts]] += np.add.reduceat(picked, starts, axis=0, dtype=np.float64)
 
 
 def _squared_distances(x: np.ndarray, centroids: np.ndarray, index: np.ndarray) -> np.ndarray:

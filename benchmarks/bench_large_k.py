@@ -16,12 +16,23 @@ RESULTS.md used Gemma 3 270M's input table (262,144 × 640, its first 512 column
 np.save('gemma.npy', L.load_model(g.assemble()).get_input_embeddings().weight.detach().float().numpy())"
     python benchmarks/bench_large_k.py --table gemma.npy
 
-Every measurement runs in its own process, so that its peak memory (ru_maxrss) is its own.
+Every measurement runs in its own process, so that its peak memory is its own: the resident high-water
+mark from just before the fit, with the table already read (Linux; elsewhere the process's whole peak).
+
+On a GPU, `--device cuda` fits each full-size case with exact k-means on the torch backend (peak memory
+is then the GPU's) and `--json exact.json` keeps the results; back on the CPU,
+`--exact exact.json` sets this run's fits beside those exact ones, full size against full size, where
+both were cut from the same table (their digests must match; without `--table` both use the same
+seeded random normal values):
+
+    python benchmarks/bench_large_k.py --device cuda --json exact.json          # on the GPU machine
+    python benchmarks/bench_large_k.py --exact exact.json --no-subsample        # here
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import resource
 import subprocess
@@ -63,25 +74,82 @@ def run_one(case: str, rows: int | None, kmeans: str, args) -> dict:
     rows = rows or full_rows
     x = table(args.table, rows, columns, normalise)
     k = k or round(SG_RATIO * rows)
+    if args.device != "cpu":
+        return run_one_gpu(case, x, k, m, codebook, args)
     import faiss  # noqa: F401  (imported before the baseline so that library pages are not counted)
     import torch  # noqa: F401
 
     from asg import pq
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = start_peak()
     start = time.perf_counter()
     fit = pq.fit(x, k, m, codebook=codebook, niter=args.niter, kmeans=kmeans)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_bytes()
     error = pq.relative_error(x, pq.decode(fit.codebooks, fit.codes))
     return {"case": case, "rows": rows, "columns": x.shape[1], "k": k, "kmeans": kmeans, "seconds": seconds,
             "two_level": pq.two_level(rows * m if codebook == "shared" else rows, k, x.shape[1] // m, args.niter, kmeans),
-            "peak_ratio": (x.nbytes + max(0, peak - before)) / x.nbytes, "error": error}
+            "peak_ratio": (x.nbytes + max(0, peak - before)) / x.nbytes, "error": error, "digest": digest(x)}
+
+
+def start_peak() -> int:
+    """Start counting peak memory from now: the resident bytes now. On Linux the kernel's high-water mark is
+    reset (so that the pages of a memory-mapped `--table`, read and let go, do not count in the baseline);
+    elsewhere the process's peak so far is the baseline."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return _status_bytes("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_bytes() -> int:
+    """Peak resident bytes of this process since `start_peak`."""
+    try:
+        return _status_bytes("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no {key} in /proc/self/status")
+
+
+def run_one_gpu(case: str, x: np.ndarray, k: int, m: int, codebook: str, args) -> dict:
+    """Exact k-means of one case on the torch backend on `args.device`; peak memory is the device's."""
+    import torch
+
+    from asg import pq
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # exact float32 scores, as on the CPU
+    on_device = torch.from_numpy(x).to(args.device)
+    cuda = on_device.is_cuda
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    fit = pq.fit(on_device, k, m, codebook=codebook, niter=args.niter, backend="torch", kmeans="exact")
+    seconds = time.perf_counter() - start  # the codes come back to the host, so the work has finished
+    peak = torch.cuda.max_memory_allocated() if cuda else float("nan")
+    error = pq.relative_error(x, pq.decode(fit.codebooks, fit.codes))
+    return {"case": case, "rows": x.shape[0], "columns": x.shape[1], "k": k, "kmeans": "exact", "seconds": seconds,
+            "two_level": False, "peak_ratio": peak / x.nbytes, "error": error, "digest": digest(x),
+            "device": torch.cuda.get_device_name() if cuda else str(on_device.device), "torch": torch.__version__}
+
+
+def digest(x: np.ndarray) -> str:
+    """The first 16 hex digits of the table's SHA-256, to tell that two machines fitted the same values."""
+    return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()[:16]
 
 
 def spawn(case: str, rows: int | None, kmeans: str, args) -> dict:
     cmd = [sys.executable, __file__, "--one", case, "--one-rows", str(rows or 0), "--one-kmeans", kmeans,
-           "--niter", str(args.niter)] + (["--table", args.table] if args.table else [])
+           "--niter", str(args.niter), "--device", args.device] + (["--table", args.table] if args.table else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"  {case} rows={result['rows']} {kmeans}: {result['seconds']:.1f} s, error {result['error']:.5f}", file=sys.stderr)
@@ -93,6 +161,10 @@ def main() -> None:
     parser.add_argument("--table", help="an .npy table to cut the matrices from (random normal values without one)")
     parser.add_argument("--niter", type=int, default=25)
     parser.add_argument("--cases", default="shared,sg,separate-8192,separate-1024")
+    parser.add_argument("--device", default="cpu", help="'cuda': exact k-means on the GPU (torch backend), full size only")
+    parser.add_argument("--json", help="also write the full-size results to this JSON file")
+    parser.add_argument("--exact", help="a --json file of a --device cuda run: compare this run's fits with its exact ones")
+    parser.add_argument("--no-subsample", action="store_true", help="skip exact against two-level on row subsamples")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--one-rows", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--one-kmeans", default="auto", help=argparse.SUPPRESS)
@@ -104,11 +176,15 @@ def main() -> None:
     full, compared = [], []
     for case in args.cases.split(","):
         full.append(spawn(case, None, "auto", args))
-        if case in COMPARE:
+        if case in COMPARE and args.device == "cpu" and not args.no_subsample:
             other, rows = COMPARE[case]
             compared.append((spawn(other, rows, "exact", args), spawn(other, rows, "two-level", args)))
 
-    print(f"# Large-k fits, niter={args.niter}, table: {args.table or 'random normal'}; {machine()}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(full, handle, indent=1)
+    where = f"{full[0]['device']}, " if "device" in full[0] else ""
+    print(f"# Large-k fits, niter={args.niter}, table: {args.table or 'random normal'}; {where}{machine()}")
     print("| fit | rows × D | k | k-means | seconds | peak memory / input | relative error |")
     print("|---|---|---:|---|---:|---:|---:|")
     for r in full:
@@ -119,6 +195,10 @@ def main() -> None:
     if "separate-8192" in by_case and "separate-1024" in by_case:
         ratio = by_case["separate-8192"]["seconds"] / by_case["separate-1024"]["seconds"]
         print(f"\nseparate k=8,192 takes {ratio:.2f}x the time of k=1,024 (target: at most 5x).")
+    if args.exact:
+        print_against_exact(full, args.exact)
+    if not compared:
+        return
     print("\nTwo-level against exact k-means on the same rows:\n")
     print("| fit | rows × D | k | exact s | two-level s | speed-up | exact error | two-level error | error change |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -127,6 +207,23 @@ def main() -> None:
               f"{fast['seconds']:.1f} | {exact['seconds'] / fast['seconds']:.1f}x | {exact['error']:.5f} | "
               f"{fast['error']:.5f} | {fast['error'] / exact['error'] - 1:+.2%} |")
 
+
+def print_against_exact(full: list[dict], path: str) -> None:
+    """This run's fits beside the exact ones of a GPU run (`--json`), case by case, full size."""
+    with open(path) as handle:
+        exact = {r["case"]: r for r in json.load(handle)}
+    print(f"\nAgainst exact k-means at full size ({next(iter(exact.values()))['device']}, torch "
+          f"{next(iter(exact.values()))['torch']}):\n")
+    print("| fit | rows × D | k | this run | seconds | exact on the GPU, seconds | error | exact error | error change | same table |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|---|")
+    for r in full:
+        if r["case"] not in exact:
+            continue
+        e = exact[r["case"]]
+        mode = "two-level" if r["two_level"] else "exact"
+        print(f"| {r['case']} | {r['rows']:,} × {r['columns']} | {r['k']:,} | {mode} | {r['seconds']:.1f} | "
+              f"{e['seconds']:.1f} | {r['error']:.5f} | {e['error']:.5f} | {r['error'] / e['error'] - 1:+.2%} | "
+              f"{'yes' if r['digest'] == e['digest'] else 'NO: digests differ'} |")
 
 
 if __name__ == "__main__":

@@ -140,3 +140,16 @@ def test_faiss_fits_advance_by_iteration_and_match_one_faiss_call(capsys):
     assert np.array_equal(fit.codebooks[1], reference.centroids)
     pq.fit(x, k=8, m=4, codebook="shared", niter=3, progress=True)
     assert "4/4" in capsys.readouterr().err  # the iterations, then the assignment of every segment
+
+
+@pytest.mark.parametrize("kmeans", ["exact", "two-level"])
+def test_one_segment_codebook_is_the_fitted_centroids(kmeans):
+    """m=1 (SG's groups) hands back the k-means centroids as the one codebook, and every row's code is
+    its nearest centroid among them (two-level: within the cells it searches, almost always the nearest)."""
+    x = np.random.default_rng(3).standard_normal((3000, 12)).astype(np.float32)
+    fit = pq.fit(x, 200, 1, kmeans=kmeans, niter=6)
+    assert fit.codebooks.shape == (1, 200, 12) and fit.codes.shape == (3000, 1)
+    distances = ((x[:, None, :] - fit.codebooks[0][None]) ** 2).sum(-1)
+    nearest = (fit.codes[:, 0] == distances.argmin(1)).mean()
+    assert nearest == 1.0 if kmeans == "exact" else nearest > 0.97
+    assert pq.relative_error(x, pq.decode(fit.codebooks, fit.codes)) < 0.75
