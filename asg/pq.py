@@ -207,7 +207,7 @@ def _fit_faiss(x: np.ndarray, k, m, codebook, niter, seed, progress, desc, weigh
                                    None if weights is None else weights[sample], bar, fast, small)
             codes[:, i] = assign(segment)
             if m == 1:  # one segment (SG's groups): its centroids are the codebook, not copied into a second one
-                codebooks = assign.centroids[None]
+                codebooks = np.ascontiguousarray(assign.centroids, dtype=np.float32)[None]
             else:
                 codebooks[i] = assign.centroids
     return PQFit(codebooks, codes)

@@ -149,7 +149,8 @@ def test_one_segment_codebook_is_the_fitted_centroids(kmeans):
     x = np.random.default_rng(3).standard_normal((3000, 12)).astype(np.float32)
     fit = pq.fit(x, 200, 1, kmeans=kmeans, niter=6)
     assert fit.codebooks.shape == (1, 200, 12) and fit.codes.shape == (3000, 1)
-    distances = ((x[:, None, :] - fit.codebooks[0][None]) ** 2).sum(-1)
-    nearest = (fit.codes[:, 0] == distances.argmin(1)).mean()
+    distances = ((x[:, None, :].astype(np.float64) - fit.codebooks[0][None]) ** 2).sum(-1)
+    chosen = distances[np.arange(len(x)), fit.codes[:, 0].astype(np.int64)]
+    nearest = (chosen <= distances.min(1) * (1 + 1e-5) + 1e-6).mean()  # a near-tie may go either way on a CPU
     assert nearest == 1.0 if kmeans == "exact" else nearest > 0.97
     assert pq.relative_error(x, pq.decode(fit.codebooks, fit.codes)) < 0.75
