@@ -1,9 +1,10 @@
-"""Shared helpers of the benchmarks: medians of repeated timings, and a description of the machine."""
+"""Shared helpers of the benchmarks: medians of repeated timings, peak memory of a fit, a description of the machine."""
 
 from __future__ import annotations
 
 import os
 import platform
+import resource
 import statistics
 import time
 
@@ -70,3 +71,31 @@ def machine() -> str:
         pass
     return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"Python {platform.python_version()}")
+
+
+def start_peak() -> int:
+    """Start counting peak memory from now: the resident bytes now. On Linux the kernel's high-water mark is
+    reset (so that the pages of a memory-mapped table file, read and let go, do not count in the baseline);
+    elsewhere the process's peak so far is the baseline."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return _status_bytes("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_bytes() -> int:
+    """Peak resident bytes of this process since `start_peak`."""
+    try:
+        return _status_bytes("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no {key} in /proc/self/status")

@@ -4,7 +4,7 @@ Peers: faiss.Kmeans called directly on each segment in a loop (train, then assig
 (the paper's toolchain, scipy k-means). nanopq is timed on a row subsample, next to asg on the
 same subsample (equal data), and its full-size time is estimated by scaling linearly in rows
 (each k-means iteration costs O(rows · k · D)). The shared codebook pools all V·m segments.
-Every measurement runs in its own process, so that its peak memory (ru_maxrss) is its own.
+Every measurement runs in its own process, so that its peak memory (from just before the fit) is its own.
 
     python benchmarks/bench_fit.py [--rows 250002 --dim 768 --m 48 --k 1024 --niter 25 --sample-rows 25000]
 """
@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 
 import numpy as np
 
-from _common import machine
+from _common import machine, peak_bytes, start_peak
 
 METHODS = ("faiss-loop", "asg-faiss", "asg-torch", "asg-shared", "nanopq-sample", "asg-faiss-sample")
 
@@ -34,7 +33,7 @@ def run_one(method: str, args) -> dict:
 
     from asg import pq
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = start_peak()
     start = time.perf_counter()
     if method == "faiss-loop":
         import faiss
@@ -58,7 +57,7 @@ def run_one(method: str, args) -> dict:
         quantizer.fit(x, iter=args.niter, seed=0)
         quantizer.encode(x)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_bytes()
     return {"method": method, "rows": rows, "seconds": seconds, "matrix_bytes": x.nbytes,
             "peak_ratio": (x.nbytes + max(0, peak - before)) / x.nbytes}
 

@@ -34,14 +34,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import resource
 import subprocess
 import sys
 import time
 
 import numpy as np
 
-from _common import machine
+from _common import machine, peak_bytes, start_peak
 
 #: name: (rows, columns, k (None: 40% of the rows, SG), m, codebook, normalise rows)
 CASES = {
@@ -90,34 +89,6 @@ def run_one(case: str, rows: int | None, kmeans: str, args) -> dict:
     return {"case": case, "rows": rows, "columns": x.shape[1], "k": k, "kmeans": kmeans, "seconds": seconds,
             "two_level": pq.two_level(rows * m if codebook == "shared" else rows, k, x.shape[1] // m, args.niter, kmeans),
             "peak_ratio": (x.nbytes + max(0, peak - before)) / x.nbytes, "error": error, "digest": digest(x)}
-
-
-def start_peak() -> int:
-    """Start counting peak memory from now: the resident bytes now. On Linux the kernel's high-water mark is
-    reset (so that the pages of a memory-mapped `--table`, read and let go, do not count in the baseline);
-    elsewhere the process's peak so far is the baseline."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return _status_bytes("VmRSS")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def peak_bytes() -> int:
-    """Peak resident bytes of this process since `start_peak`."""
-    try:
-        return _status_bytes("VmHWM")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"no {key} in /proc/self/status")
 
 
 def run_one_gpu(case: str, x: np.ndarray, k: int, m: int, codebook: str, args) -> dict:
