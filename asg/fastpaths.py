@@ -12,7 +12,6 @@ import time
 import weakref
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -49,8 +48,10 @@ class FastPaths:
         self.path_times: dict[int, dict[str, float]] = {}  # logits: seconds per row of each path, by size class
         self._scale = VersionCache()
         self._byte_codes = VersionCache()
+        self._transposed = VersionCache()
         #: Small batches score with 8-bit lookup tables (`approximate_logits`) where the CPU has the kernel.
         self.approximate = False
+        self.rescored = 0  # tokens the last approximate call scored again exactly
 
     @staticmethod
     def applies(codebooks: torch.Tensor) -> bool:
@@ -79,6 +80,8 @@ class FastPaths:
         path, bucket = self.choose(flat.shape[0])
         start = time.perf_counter()
         if path == "lookup" and self.approximate and flat.shape[0] <= kernels.ROWS_MAX and self.approximates(table):
+            if flat.shape[0] == 1:
+                return self.approximate_logits(table, flat[0])[None]  # a view: stacking would copy V scores
             return torch.stack([self.approximate_logits(table, row) for row in flat])
         if path == "lookup":
             out = kernels.lut_logits(table.segment_scores(flat), table.checked_codes(), codes_checked=True)
@@ -98,30 +101,13 @@ class FastPaths:
     def approximate_logits(self, table, hidden: torch.Tensor) -> torch.Tensor:
         """Scores (V,) of one hidden state (D,), row scale applied, from lookup tables rounded to 8 bits (one
         step for all segments, so that the kernel sums bytes 64 tokens at a time): each score is within
-        `bound` = m · step / 2 of eq. 2, and every token whose score could be the largest within that bound is
-        scored again exactly, so the top token (and any other that could beat it) is exact."""
-        scores = table.segment_scores(hidden[None])[0]  # (m, k)
-        lows, highs = torch.aminmax(scores, dim=1)
-        step = float((highs - lows).max()) / 255 or 1.0
+        m · step / 2 of eq. 2, and every token whose score could be the largest within that bound is scored
+        again exactly, so the top token (and any other that could beat it) is exact (`kernels.lut_bytes_top`)."""
         layout = self._byte_codes.get((table.codes,), lambda: kernels.byte_codes(table.checked_codes(), table.k))
-        # nearest byte: scores - lows lies in [0, 255·step], so + 1/2 and truncation round without a clamp
-        rounded = ((scores - lows[:, None]) / step).add_(0.5).to(torch.uint8)
-        if table.k < 128 << layout.levels:
-            rounded = torch.cat([rounded, rounded.new_zeros(table.m, (128 << layout.levels) - table.k)], 1)
-        out = kernels.lut_bytes(rounded, layout, step, float(lows.sum()))
-        # the rounding's worst case, and float rounding of the sums on top
-        bound = table.m * step / 2 * (1 + 1e-4) + 1e-5 * float(lows.abs().sum() + 255 * table.m * step)
-        values = out.numpy()  # numpy finds the few indices 5x faster than torch.nonzero
-        if table.norms is None:
-            near = np.flatnonzero(values >= values.max() - 2 * bound)
-        else:
-            scale = table.row_scale()
-            out *= scale
-            margin = bound * scale.numpy()
-            near = np.flatnonzero(values + margin >= (values - margin).max())
-        near = torch.from_numpy(near)
-        exact = scores.gather(1, table.checked_codes()[near].long().T).sum(0)
-        out[near] = exact if table.norms is None else exact * scale[near]
+        books = self._transposed.get((table.codebooks,), lambda: kernels.transposed_codebooks(table.codebooks, table.m,
+                                                                                                table.shared))
+        scale = table.row_scale() if table.norms is not None else None
+        out, self.rescored = kernels.lut_bytes_top(kernels.segment_scores(hidden, books, table.m), layout, scale)
         return out
 
     def choose(self, rows: int) -> tuple[str, dict | None]:

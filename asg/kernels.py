@@ -192,15 +192,39 @@ def nearest(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return order[out[:num]]
 
 
+def transposed_codebooks(codebooks: torch.Tensor, m: int, shared: bool) -> torch.Tensor:
+    """The codebooks ((k, ds) shared, or (m·k, ds)) as `segment_scores` reads them: (1 or m, ds, k), contiguous."""
+    _check_float32(codebooks, "codebooks")
+    ds = codebooks.shape[1]
+    return codebooks.detach().reshape(1 if shared else m, -1, ds).transpose(1, 2).contiguous()
+
+
+def segment_scores(hidden: torch.Tensor, transposed: torch.Tensor, m: int) -> torch.Tensor:
+    """(m, k): the dot product of each segment of one hidden state (m·ds,) with each concept vector of its codebook,
+    from `transposed_codebooks`: eq. 2's lookup tables, the same values as the module's einsum up to rounding."""
+    _check_float32(hidden, "hidden")
+    _check_float32(transposed, "transposed codebooks")
+    books, ds, k = transposed.shape
+    if books not in (1, m) or hidden.shape != (m * ds,) or not transposed.is_contiguous():
+        raise ValueError(f"hidden must be ({m * ds},) and the codebooks (1 or {m}, {ds}, k) contiguous, got "
+                         f"{tuple(hidden.shape)} and {tuple(transposed.shape)}")
+    hidden = hidden.contiguous()
+    out = torch.empty(m, k, dtype=torch.float32)
+    library().asg_segment_scores(_ptr(hidden), _ptr(transposed), _i64(m), _i64(k), _i64(ds), _i64(0 if books == 1 else ds),
+                                 _ptr(out), ctypes.c_int(torch.get_num_threads()))
+    return out
+
+
 class ByteCodes(NamedTuple):
     """A code table laid out for `lut_bytes`: per block of 64 tokens and segment, the codes' bits 0-6 as 64
     bytes (`low`, (blocks, m, 64) uint8) and each higher bit as a 64-bit mask (`high`, (blocks, m, levels)
-    int64); `levels` = log2 of the 128-entry chunks a segment's table needs (0-3, so k <= 1024)."""
+    int64); `levels` = log2 of the 128-entry chunks a segment's table needs (0-3, so k <= 1024); every code < k."""
 
     low: torch.Tensor
     high: torch.Tensor
     levels: int
     vocab: int
+    k: int
 
 
 def byte_lookups() -> bool:
@@ -213,6 +237,7 @@ def byte_codes(codes: torch.Tensor, k: int) -> ByteCodes:
     """`codes` (V, m), values in 0..k-1 with k <= 1024, in the layout `lut_bytes` reads (1.4 bytes a code)."""
     if not 2 <= k <= 1024:
         raise ValueError(f"8-bit lookups take k <= 1024 concepts per segment, not {k}")
+    check_codes(codes, k)
     levels = max(0, (k - 1).bit_length() - 7)
     vocab, m = codes.shape
     blocks = -(-vocab // 64)
@@ -224,7 +249,7 @@ def byte_codes(codes: torch.Tensor, k: int) -> ByteCodes:
         torch.zeros(blocks, m, 0, 64, dtype=torch.int32)
     weights = torch.ones(64, dtype=torch.int64) << torch.arange(64)  # bit j: token j of the block
     high = (bits.to(torch.int64) * weights).sum(-1).contiguous()  # wraps into the sign bit for token 63, as intended
-    return ByteCodes(low, high, levels, vocab)
+    return ByteCodes(low, high, levels, vocab, k)
 
 
 def lut_bytes(tables: torch.Tensor, layout: ByteCodes, step: float = 1.0, offset: float = 0.0) -> torch.Tensor:
@@ -243,6 +268,33 @@ def lut_bytes(tables: torch.Tensor, layout: ByteCodes, step: float = 1.0, offset
                             _i64(layout.levels), ctypes.c_float(step), ctypes.c_float(offset), _ptr(out),
                             ctypes.c_int(torch.get_num_threads()))
     return out[:layout.vocab]
+
+
+def lut_bytes_top(scores: torch.Tensor, layout: ByteCodes, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Eq. 2 for one hidden state from its lookup tables `scores` (m, k) float32, approximated with 8-bit tables
+    and then exact for every token that could be the top one (`asg_lut_bytes_top` says how), times `scale` (V,)
+    when given: the scores (V,) float32 and how many tokens were scored exactly."""
+    blocks, m, _ = layout.low.shape
+    _check_float32(scores, "scores")
+    if tuple(scores.shape) != (m, layout.k):
+        raise ValueError(f"scores must be ({m}, {layout.k}), the layout's segments and concepts, got {tuple(scores.shape)}")
+    if scale is not None:
+        _check_float32(scale, "scale")
+        if tuple(scale.shape) != (layout.vocab,):
+            raise ValueError(f"scale must be ({layout.vocab},), one per token, got {tuple(scale.shape)}")
+        scale = scale.contiguous()
+    if not byte_lookups():
+        raise RuntimeError("this build has no 8-bit lookup kernel (it needs AVX-512 VBMI)")
+    scores = scores.contiguous()
+    tables = torch.empty(m, 128 << layout.levels, dtype=torch.uint8)
+    out = torch.empty(blocks * 64, dtype=torch.float32)
+    rescored = library().asg_lut_bytes_top(
+        _ptr(scores), _i64(layout.k), _ptr(layout.low), _ptr(layout.high), _i64(blocks), _i64(layout.vocab), _i64(m),
+        _i64(layout.levels), _ptr(scale) if scale is not None else None, _ptr(tables), _ptr(out),
+        ctypes.c_int(torch.get_num_threads()))
+    if rescored < 0:
+        raise MemoryError("out of memory in the 8-bit lookup kernel")
+    return out[:layout.vocab], rescored
 
 
 def check_ids(ids: torch.Tensor, vocab_size: int) -> None:
@@ -298,9 +350,10 @@ def _load() -> ctypes.CDLL | None:
         warnings.warn(f"asg: could not build its C kernels ({err}); the ASG head falls back to slower torch code. "
                       "Install a C compiler with OpenMP (gcc) to get the fast path.", stacklevel=3)
         return None
-    lib.asg_argmin_rows.restype = lib.asg_nearest_sorted.restype = None
+    lib.asg_argmin_rows.restype = lib.asg_nearest_sorted.restype = lib.asg_segment_scores.restype = None
     if lib.asg_byte_lookups():
         lib.asg_lut_bytes.restype = None
+        lib.asg_lut_bytes_top.restype = ctypes.c_int64
     for suffix in _SUFFIX.values():
         for name in ("lut_rows", "lut_cols", "gather", "scatter"):
             getattr(lib, f"asg_{name}_{suffix}").restype = None

@@ -176,15 +176,28 @@ def test_byte_lookups_check_what_reaches_the_kernel():
         kernels.lut_bytes(torch.zeros(4, 256, dtype=torch.uint8), layout)
     with pytest.raises(ValueError, match="k <= 1024"):
         kernels.byte_codes(torch.zeros(10, 2, dtype=torch.int16), 2048)
+    with pytest.raises(ValueError, match=r"0\.\.299"):  # a code the scores do not have never reaches C
+        kernels.byte_codes(torch.tensor([[0, 300]]), 300)
+    with pytest.raises(ValueError, match=r"\(4, 300\)"):
+        kernels.lut_bytes_top(torch.zeros(4, 512), layout)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.lut_bytes_top(torch.zeros(4, 300, dtype=torch.float64), layout)
+    with pytest.raises(ValueError, match=r"\(100,\)"):
+        kernels.lut_bytes_top(torch.zeros(4, 300), layout, torch.ones(99))
+    books = kernels.transposed_codebooks(torch.zeros(4 * 300, 2), 4, shared=False)
+    assert books.shape == (4, 2, 300)
+    with pytest.raises(ValueError, match=r"\(8,\)"):
+        kernels.segment_scores(torch.zeros(10), books, 4)
 
 
 @needs_bytes
 @pytest.mark.parametrize("norms", [None, "row"])
 @pytest.mark.parametrize("shared", [False, True])
-def test_approximate_head_stays_within_its_bound_and_keeps_the_top_tokens_exact(norms, shared):
-    module = random_module(vocab=5000, dim=64, k=1000, m=16, shared=shared, seed=3)
+@pytest.mark.parametrize("seed", [3, 9, 11])
+def test_approximate_head_stays_within_its_bound_and_keeps_the_top_tokens_exact(norms, shared, seed):
+    module = random_module(vocab=5000, dim=64, k=1000, m=16, shared=shared, seed=seed)
     if norms:
-        module.set_norms_("row", torch.rand(5000) + 0.5)
+        module.set_norms_("row", torch.rand(5000, generator=torch.Generator().manual_seed(seed)) + 0.5)
     head = asg.ASGHead(module)
     hidden = torch.randn(2, 64, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -192,22 +205,49 @@ def test_approximate_head_stays_within_its_bound_and_keeps_the_top_tokens_exact(
         head.approximate = True
         assert head.approximate and module.fast.approximate
         approx = head(hidden)
-        scores = module.segment_scores(hidden)
-    step = (scores.max(-1).values - scores.min(-1).values).max(-1).values / 255  # per row
+    books = kernels.transposed_codebooks(module.codebooks, 16, shared)
+    scores = [kernels.segment_scores(hidden[row], books, 16) for row in range(2)]  # what the head rounds
+    torch.testing.assert_close(torch.stack(scores), module.segment_scores(hidden), rtol=1e-5, atol=1e-5)
     scale = module.row_scale() if norms else torch.ones(5000)
-    bound = 16 * step[:, None] / 2 * scale * (1 + 1e-3) + 1e-4
-    assert ((approx - exact).abs() <= bound).all()
-    assert (approx - exact).abs().max() > 1e-3  # it did approximate
+    layout = kernels.byte_codes(module.codes, 1000)
+    for row in range(2):
+        # the 8-bit scores before any exact rescoring, rounded as the kernel rounds: one step for all segments
+        # (numpy in float32, whose division is IEEE's, as C's is; the spread in float64, as the kernel takes it)
+        values = scores[row].numpy()
+        lows = values.min(-1, keepdims=True)
+        step = np.float32((values.max(-1).astype(np.float64) - lows[:, 0]).max() / 255)
+        tables = torch.from_numpy(((values - lows) / step + np.float32(0.5)).astype(np.uint8))
+        tables = torch.cat([tables, tables.new_zeros(16, 24)], 1)
+        rough = kernels.lut_bytes(tables, layout, float(step), float(lows.astype(np.float64).sum())) * scale
+        bound = 16 * step / 2 * scale
+        assert ((rough - exact[row]).abs() <= bound * (1 + 1e-3) + 1e-4).all()
+        assert ((approx[row] - exact[row]).abs() <= bound * (1 + 1e-3) + 1e-4).all()
+        assert (approx[row] - exact[row]).abs().max() > 1e-3  # it did approximate
+        # every token that could be the top one, judged from the 8-bit scores, was scored exactly, and the others
+        # kept their 8-bit scores (1% inside and outside the bound: float rounding may decide the edge either way)
+        near = rough + 0.99 * bound >= (rough - 0.99 * bound).max()
+        far = rough + 1.01 * bound < (rough - 1.01 * bound).max()
+        assert int(near.sum()) >= 1 and int(far.sum()) > 4000
+        torch.testing.assert_close(approx[row][near], exact[row][near], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(approx[row][far], rough[far], rtol=0, atol=1e-4)  # offsets summed in other orders
+    assert int(near.sum()) <= module.fast.rescored <= int((~far).sum())  # the count is the last row's
     assert torch.equal(approx.argmax(-1), exact.argmax(-1))
-    # every token that could be the top one, judged from the approximate scores, was scored exactly
-    inner = 16 * step[:, None] / 2 * scale * 0.99
-    near = approx + inner >= (approx - inner).max(-1, keepdim=True).values
-    assert near.sum() >= 2
-    torch.testing.assert_close(approx[near], exact[near], rtol=1e-5, atol=1e-5)
     assert copy.deepcopy(head).approximate  # the choice travels with copies
     head.approximate = False
     with torch.no_grad():
         torch.testing.assert_close(head(hidden), exact, rtol=0, atol=0)  # and switching back is exact again
+
+
+@needs_bytes
+def test_approximate_scores_every_tied_token_exactly_even_past_the_candidate_list():
+    # a hidden state of zeros ties all 140,000 tokens: more candidates than a thread lists (65,536)
+    module = random_module(vocab=140_000, dim=8, k=4, m=2, seed=5)
+    head = asg.ASGHead(module)
+    head.approximate = True
+    with torch.no_grad():
+        out = head(torch.zeros(1, 8))
+    assert module.fast.rescored == 140_000
+    assert torch.equal(out, torch.zeros(1, 140_000))
 
 
 def test_approximate_needs_an_asg_table():

@@ -223,6 +223,23 @@ void asg_nearest_sorted(const float* x, int64_t n, int64_t d, const float* ct, c
   }
 }
 
+/* The per-segment lookup tables of eq. 2 for one hidden state h (m * ds): out[i, j] = sum_l h[i*ds + l] ct[i, l, j],
+ * from the codebooks transposed per segment, ct (m, ds, k) for separate ones (stride ds) or (ds, k) for a shared
+ * one (stride 0), so that each step streams a row of k values. */
+void asg_segment_scores(const float* h, const float* ct, int64_t m, int64_t k, int64_t ds, int64_t stride, float* out,
+                        int nthreads) {
+  _Pragma("omp parallel for schedule(static) num_threads(nthreads)")
+  for (int64_t i = 0; i < m; i++) {
+    float* o = out + i * k;
+    memset(o, 0, sizeof(float) * k);
+    for (int64_t l = 0; l < ds; l++) {
+      const float x = h[i * ds + l];
+      const float* c = ct + (i * stride + l) * k;
+      for (int64_t j = 0; j < k; j++) o[j] += x * c[j];
+    }
+  }
+}
+
 #define ASG_KERNELS(NAME, CODE)                                                                     \
 /* out[b, t] = sum_i tables[b, i*k + codes[t, i]]   (tables: B x m*k, out: B x V); best for tiny B */ \
 void asg_lut_rows_##NAME(const float* tables, const CODE* codes, float* out, int64_t B, int64_t V,   \
@@ -327,53 +344,184 @@ ASG_KERNELS(i32, int32_t)
 #include <immintrin.h>
 int asg_byte_lookups(void) { return 1; }
 
-/* One block of 64 tokens; a constant `levels` (inlined below) unrolls the loops over chunks and levels and keeps
- * the eight permuted vectors in registers. */
+/* step * (the bytes one block of 64 tokens picks, summed) + offset, into out; a constant `levels` (inlined below)
+ * unrolls the loops over chunks and levels and keeps the eight permuted vectors in registers. Each byte picked
+ * joins a 16-bit sum of the even or the odd tokens (mask and shift: they spare the port the permutes need), and
+ * every 256 segments, before those sums could overflow, they are carried to floats. */
 static inline __attribute__((always_inline)) void lut_bytes_block(const uint8_t* q, const uint8_t* low,
                                                                   const uint64_t* high, int64_t b, int64_t m,
-                                                                  int64_t levels, __m512 steps, __m512 offsets,
+                                                                  int64_t levels, float step, float offset,
                                                                   float* out) {
   const int64_t kp = (int64_t)128 << levels;
-  __m512 total[4];
-  for (int v = 0; v < 4; v++) total[v] = _mm512_setzero_ps();
-  __m512i part_lo = _mm512_setzero_si512(), part_hi = _mm512_setzero_si512();
-  for (int64_t i = 0; i < m; i++) {
-    const uint8_t* table = q + i * kp;
-    __m512i idx = _mm512_loadu_si512(low + (b * m + i) * 64);
-    __m512i r[8];
-    for (int64_t h = 0; h < ((int64_t)1 << levels); h++)
-      r[h] = _mm512_permutex2var_epi8(_mm512_loadu_si512(table + 128 * h), idx, _mm512_loadu_si512(table + 128 * h + 64));
-    const uint64_t* bits = high + (b * m + i) * levels;
-    for (int64_t level = 0; level < levels; level++) {  /* bit 7 + level picks one of each pair */
-      __mmask64 pick = (__mmask64)bits[level];
-      for (int64_t h = 0; h < ((int64_t)1 << (levels - level - 1)); h++)
-        r[h] = _mm512_mask_blend_epi8(pick, r[2 * h], r[2 * h + 1]);
+  const __m512i low_bytes = _mm512_set1_epi16(0x00FF);
+  float totals[64] = {0};
+  for (int64_t i0 = 0; i0 < m; i0 += 256) {
+    const int64_t i1 = i0 + 256 < m ? i0 + 256 : m;
+    __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
+    for (int64_t i = i0; i < i1; i++) {
+      const uint8_t* table = q + i * kp;
+      __m512i idx = _mm512_loadu_si512(low + (b * m + i) * 64);
+      __m512i r[8];
+      for (int64_t h = 0; h < ((int64_t)1 << levels); h++)
+        r[h] = _mm512_permutex2var_epi8(_mm512_loadu_si512(table + 128 * h), idx, _mm512_loadu_si512(table + 128 * h + 64));
+      const uint64_t* bits = high + (b * m + i) * levels;
+      for (int64_t level = 0; level < levels; level++) {  /* bit 7 + level picks one of each pair */
+        __mmask64 pick = (__mmask64)bits[level];
+        for (int64_t h = 0; h < ((int64_t)1 << (levels - level - 1)); h++)
+          r[h] = _mm512_mask_blend_epi8(pick, r[2 * h], r[2 * h + 1]);
+      }
+      even = _mm512_add_epi16(even, _mm512_and_si512(r[0], low_bytes));
+      odd = _mm512_add_epi16(odd, _mm512_srli_epi16(r[0], 8));
     }
-    part_lo = _mm512_add_epi16(part_lo, _mm512_cvtepu8_epi16(_mm512_castsi512_si256(r[0])));
-    part_hi = _mm512_add_epi16(part_hi, _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(r[0], 1)));
-    if ((i + 1) % 256 == 0 || i + 1 == m) {  /* 256 sums of bytes fill 16 bits: carry them to floats */
-      total[0] = _mm512_add_ps(total[0], _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(part_lo))));
-      total[1] = _mm512_add_ps(total[1], _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(part_lo, 1))));
-      total[2] = _mm512_add_ps(total[2], _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(part_hi))));
-      total[3] = _mm512_add_ps(total[3], _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(part_hi, 1))));
-      part_lo = part_hi = _mm512_setzero_si512();
+    uint16_t e[32], o[32];
+    _mm512_storeu_si512(e, even);
+    _mm512_storeu_si512(o, odd);
+    for (int j = 0; j < 32; j++) {
+      totals[2 * j] += e[j];
+      totals[2 * j + 1] += o[j];
     }
   }
-  for (int v = 0; v < 4; v++) _mm512_storeu_ps(out + b * 64 + 16 * v, _mm512_fmadd_ps(total[v], steps, offsets));
+  const __m512 steps = _mm512_set1_ps(step), offsets = _mm512_set1_ps(offset);
+  for (int v = 0; v < 4; v++)
+    _mm512_storeu_ps(out + b * 64 + 16 * v, _mm512_fmadd_ps(_mm512_loadu_ps(totals + 16 * v), steps, offsets));
+}
+
+/* lut_bytes_block with levels made a constant. */
+static void sum_block(const uint8_t* q, const uint8_t* low, const uint64_t* high, int64_t b, int64_t m, int64_t levels,
+                      float step, float offset, float* out) {
+  switch (levels) {
+    case 0: lut_bytes_block(q, low, high, b, m, 0, step, offset, out); return;
+    case 1: lut_bytes_block(q, low, high, b, m, 1, step, offset, out); return;
+    case 2: lut_bytes_block(q, low, high, b, m, 2, step, offset, out); return;
+    default: lut_bytes_block(q, low, high, b, m, 3, step, offset, out); return;
+  }
 }
 
 void asg_lut_bytes(const uint8_t* q, const uint8_t* low, const uint64_t* high, int64_t blocks, int64_t m,
                    int64_t levels, float step, float offset, float* out, int nthreads) {
-  __m512 steps = _mm512_set1_ps(step), offsets = _mm512_set1_ps(offset);
   _Pragma("omp parallel for schedule(static) num_threads(nthreads)")
-  for (int64_t b = 0; b < blocks; b++) {
-    switch (levels) {
-      case 0: lut_bytes_block(q, low, high, b, m, 0, steps, offsets, out); break;
-      case 1: lut_bytes_block(q, low, high, b, m, 1, steps, offsets, out); break;
-      case 2: lut_bytes_block(q, low, high, b, m, 2, steps, offsets, out); break;
-      default: lut_bytes_block(q, low, high, b, m, 3, steps, offsets, out);
+  for (int64_t b = 0; b < blocks; b++) sum_block(q, low, high, b, m, levels, step, offset, out);
+}
+
+#define NEAR_MAX 65536 /* candidates for exact scoring a thread keeps */
+/* Scales block b's scores (scale NULL: none), raises *mine to their largest less its bound where higher, and lists
+ * in near those whose score plus bound reaches *mine (counting all, listing while NEAR_MAX allows). */
+static inline void list_near(float* out, const float* scale, int64_t b, int64_t vocab, __m512 bounds, float* mine,
+                             int32_t* near, int64_t* count) {
+  const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  __m512 x[4], margin[4];
+  __mmask16 valid[4];
+  __m512 top = _mm512_set1_ps(-FLT_MAX);
+  for (int v = 0; v < 4; v++) {
+    int64_t t0 = b * 64 + 16 * v;
+    valid[v] = t0 + 16 <= vocab ? (__mmask16)0xFFFF : t0 >= vocab ? 0 : (__mmask16)((1u << (vocab - t0)) - 1);
+    x[v] = _mm512_loadu_ps(out + t0);
+    margin[v] = bounds;
+    if (scale) {
+      __m512 s = _mm512_maskz_loadu_ps(valid[v], scale + t0);
+      x[v] = _mm512_mul_ps(x[v], s);
+      _mm512_storeu_ps(out + t0, x[v]);
+      margin[v] = _mm512_mul_ps(bounds, _mm512_abs_ps(s));
     }
+    top = _mm512_mask_max_ps(top, valid[v], top, _mm512_sub_ps(x[v], margin[v]));
   }
+  float block_top = _mm512_reduce_max_ps(top);
+  *mine = block_top > *mine ? block_top : *mine;
+  __m512 reach = _mm512_set1_ps(*mine);
+  for (int v = 0; v < 4; v++) {
+    __mmask16 hit = _mm512_mask_cmp_ps_mask(valid[v], _mm512_add_ps(x[v], margin[v]), reach, _CMP_GE_OQ);
+    if (!hit) continue;
+    int n = __builtin_popcount(hit);
+    if (near && *count + n <= NEAR_MAX)
+      _mm512_mask_compressstoreu_epi32(near + *count, hit, _mm512_add_epi32(lanes, _mm512_set1_epi32((int32_t)(b * 64 + 16 * v))));
+    *count += n;
+  }
+}
+
+/* The code of token j (0-63) of block b in segment i, from the layout above. */
+static inline int64_t byte_code(const uint8_t* low, const uint64_t* high, int64_t b, int64_t i, int64_t j,
+                                int64_t m, int64_t levels) {
+  int64_t code = low[(b * m + i) * 64 + j];
+  for (int64_t h = 0; h < levels; h++) code |= (int64_t)((high[(b * m + i) * levels + h] >> j) & 1) << (7 + h);
+  return code;
+}
+
+/* Eq. 2 for one hidden state with the top exact: scores (m, k) float are its per-segment lookup tables, the
+ * codes (k <= 128 << levels, every code < k) are in the layout above, scale (vocab; NULL for none) the row scale.
+ * 1. Round the tables to bytes with one step for all segments, (score - segment minimum) / step to the nearest
+ *    integer, into q (m, 128 << levels), so that each token's sum is within bound = m * step / 2 of eq. 2 (plus
+ *    float rounding, which the bound's second term covers).
+ * 2. Sum the bytes 64 tokens at a time (lut_bytes_block), scale, and find the largest score less its bound,
+ *    listing on the way the tokens whose score plus bound reaches the largest such value seen so far.
+ * 3. Score again exactly, in segment order as asg_lut_rows does, every listed token whose score plus its bound
+ *    reaches the final largest value: any token that could be the top one.
+ * out (blocks * 64) receives the scores; returns the number of tokens scored exactly (-1: out of memory). */
+int64_t asg_lut_bytes_top(const float* scores, int64_t k, const uint8_t* low, const uint64_t* high, int64_t blocks,
+                          int64_t vocab, int64_t m, int64_t levels, const float* scale, uint8_t* q, float* out,
+                          int nthreads) {
+  const int64_t kp = (int64_t)128 << levels;
+  float* lows = (float*)malloc(sizeof(float) * m);
+  if (!lows) return -1;
+  double offset = 0., spread = 0., lows_abs = 0.;
+  for (int64_t i = 0; i < m; i++) {
+    const float* s = scores + i * k;
+    float lo = s[0], hi = s[0];
+    for (int64_t j = 1; j < k; j++) { lo = s[j] < lo ? s[j] : lo; hi = s[j] > hi ? s[j] : hi; }
+    lows[i] = lo;
+    offset += lo;
+    lows_abs += lo < 0.f ? -lo : lo;
+    spread = (double)hi - lo > spread ? (double)hi - lo : spread;
+  }
+  const float step = spread > 0. ? (float)(spread / 255.) : 1.f;
+  for (int64_t i = 0; i < m; i++) {
+    const float* s = scores + i * k;
+    uint8_t* row = q + i * kp;
+    for (int64_t j = 0; j < k; j++) {
+      float v = (s[j] - lows[i]) / step + 0.5f;
+      v = v < 255.f ? v : 255.f;  /* also NaN, which a conversion would not survive */
+      row[j] = (uint8_t)(v > 0.f ? v : 0.f);
+    }
+    memset(row + k, 0, (size_t)(kp - k));
+  }
+  free(lows);
+  const float bound = (float)(m * (double)step / 2 * (1 + 1e-4) + 1e-5 * (lows_abs + 255. * m * step));
+  const __m512 bounds = _mm512_set1_ps(bound);
+  float best = -FLT_MAX;
+  int64_t rescored = 0;
+  _Pragma("omp parallel num_threads(nthreads)")
+  {
+    /* The tokens that may end up near the top: those within reach of the best score less its bound seen so
+     * far by this thread, which only rises, so that the final candidates are among them. */
+    int32_t* near = (int32_t*)malloc(sizeof(int32_t) * NEAR_MAX);
+    int64_t count = 0, first_block = blocks, last_block = -1;
+    float mine = -FLT_MAX;
+    _Pragma("omp for schedule(static) reduction(max: best)")
+    for (int64_t b = 0; b < blocks; b++) {
+      sum_block(q, low, high, b, m, levels, step, (float)offset, out);
+      list_near(out, scale, b, vocab, bounds, &mine, near, &count);
+      best = mine > best ? mine : best;
+      first_block = b < first_block ? b : first_block;
+      last_block = b;
+    }
+    /* best is every thread's now (the loop's reduction ends in a barrier): score the candidates exactly, or, where
+     * they did not fit, every token of this thread's blocks (schedule(static) gives a thread one range of them) */
+    int64_t exact = 0, listed = near && count <= NEAR_MAX;
+    int64_t first = first_block * 64, last = (last_block + 1) * 64 < vocab ? (last_block + 1) * 64 : vocab;
+    for (int64_t c = 0, end = listed ? count : last - first; c < end; c++) {
+      int64_t t = listed ? near[c] : first + c;
+      float margin = scale ? bound * (scale[t] < 0.f ? -scale[t] : scale[t]) : bound;
+      if (out[t] + margin >= best) {
+        float acc = 0.f;
+        for (int64_t i = 0; i < m; i++) acc += scores[i * k + byte_code(low, high, t / 64, i, t % 64, m, levels)];
+        out[t] = scale ? acc * scale[t] : acc;
+        exact++;
+      }
+    }
+    _Pragma("omp atomic")
+    rescored += exact;
+    free(near);
+  }
+  return rescored;
 }
 #else
 int asg_byte_lookups(void) { return 0; }
