@@ -60,6 +60,28 @@ def test_assignment_finds_the_exact_nearest_centroid_for_almost_every_point():
     assert (twolevel.assign(faiss, fit, x, nprobe=len(fit.coarse)) == nearest).all()
 
 
+def test_the_pilot_keeps_the_allocation_that_fits_better(monkeypatch):
+    x = _clustered(num=60000, seed=3)
+    # p=8 gives nearly every centroid to the widest cells: clearly worse, in whichever order it is tried
+    for powers in [(1.0, 8.0), (8.0, 1.0)]:
+        monkeypatch.setattr(twolevel, "SPREAD_POWERS", powers)
+        assert twolevel.spread_power(faiss, pq._faiss_kmeans, x, 512, 10, 0, None) == 1.0
+    fit = twolevel.kmeans(faiss, pq._faiss_kmeans, x, 512, 10, 0, None, _Bar())
+    assert fit.spread_power == 1.0
+    worse = twolevel._kmeans(faiss, pq._faiss_kmeans, x, 512, 10, 0, None, _Bar(), 8.0)
+    assert _error(x, fit.centroids, twolevel.assign(faiss, fit, x)) < \
+        _error(x, worse.centroids, twolevel.assign(faiss, worse, x))
+    # where the spread cannot matter (one isotropic cloud: every cell as wide as the next), the pilots differ by
+    # less than the margin and the first candidate stays, whichever it is
+    cloud = np.random.default_rng(4).standard_normal((20000, 8)).astype(np.float32)
+    for powers in [(1.0, 2.0), (2.0, 1.0)]:
+        monkeypatch.setattr(twolevel, "SPREAD_POWERS", powers)
+        assert twolevel.spread_power(faiss, pq._faiss_kmeans, cloud, 256, 10, 0, None) == powers[0]
+    # too few points for a pilot (a tenth under PILOT_MIN_POINTS): the first candidate, unmeasured
+    monkeypatch.setattr(twolevel, "SPREAD_POWERS", (8.0, 1.0))
+    assert twolevel.spread_power(faiss, pq._faiss_kmeans, x[:9000], 512, 10, 0, None) == 8.0
+
+
 def test_weights_pull_centroids_towards_heavy_points():
     x = _clustered(seed=2)
     region = x[:, 0] > np.quantile(x[:, 0], 0.9)  # one side of the space is what counts
