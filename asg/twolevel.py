@@ -33,6 +33,7 @@ REFINE_ITERS = 8
 SPREAD_POWERS = (1.0, 2.0)
 PILOT_FRACTION = 0.1  # of the points and of k, in the pilot fits
 PILOT_MIN_POINTS = 1_000
+_PILOT_WORK = PILOT_FRACTION ** 1.5  # a pilot's work against the fit's: a tenth of the points, cells √10 smaller
 #: Another candidate replaces the first only where it lowers the pilot's squared error by more than this:
 #: where p made no difference at full size the pilots differed by 0.01-0.11%; on SG of Gemma's rows, 1.6-2.0%.
 PILOT_MARGIN = 0.005
@@ -55,11 +56,13 @@ def kmeans(faiss, kmeans_exact, x: np.ndarray, k: int, niter: int, seed: int, we
     """Two-level k-means of `x` (N, d) float32 into k centroids; `kmeans_exact(faiss, x, k, niter, seed,
     weights, bar)` is the exact k-means it runs at small k (it advances `bar` by one per iteration; the
     fine fits advance it by their share, so that the bar counts `units(niter)` for the whole fit)."""
-    power = spread_power(faiss, kmeans_exact, x, k, niter, seed, weights)
+    pilot_bar = _Scaled(bar, _PILOT_WORK)
+    power = spread_power(faiss, kmeans_exact, x, k, niter, seed, weights, pilot_bar)
+    bar.update(_pilot_units(niter) - pilot_bar.done)  # the pilot's whole share, also where it was skipped
     return _kmeans(faiss, kmeans_exact, x, k, niter, seed, weights, bar, power)
 
 
-def spread_power(faiss, kmeans_exact, x: np.ndarray, k: int, niter: int, seed: int, weights) -> float:
+def spread_power(faiss, kmeans_exact, x: np.ndarray, k: int, niter: int, seed: int, weights, bar=None) -> float:
     """The exponent p of the allocation weight mass · spread^p (of `SPREAD_POWERS`) whose two-level fit of a
     random tenth of the points into a tenth of the k centroids leaves the smaller error (the first unless
     another is better by `PILOT_MARGIN`). How much a cell's spread should count depends on the data: on
@@ -74,7 +77,7 @@ def spread_power(faiss, kmeans_exact, x: np.ndarray, k: int, niter: int, seed: i
     w = None if weights is None else weights[rows]
     errors = []
     for power in SPREAD_POWERS:
-        fit = _kmeans(faiss, kmeans_exact, sample, pilot_k, niter, seed, w, _Silent(), power)
+        fit = _kmeans(faiss, kmeans_exact, sample, pilot_k, niter, seed, w, bar or _Scaled(None, 0), power)
         squared = _squared_distances(sample, fit.centroids, assign(faiss, fit, sample))
         errors.append(float(squared @ w) if w is not None else float(squared.sum()))
     best = int(np.argmin(errors))
@@ -121,9 +124,14 @@ def _kmeans(faiss, kmeans_exact, x: np.ndarray, k: int, niter: int, seed: int, w
     return fit
 
 
-def units(niter: int) -> int:
-    """Progress-bar steps of one two-level fit: the coarse and the fine iterations, then the refinement."""
-    return 2 * niter + REFINE_ITERS
+def units(niter: int) -> float:
+    """Progress-bar steps of one two-level fit: the pilot fits, the coarse and the fine iterations, then the
+    refinement."""
+    return _pilot_units(niter) + 2 * niter + REFINE_ITERS
+
+
+def _pilot_units(niter: int) -> float:
+    return (2 * niter + REFINE_ITERS) * _PILOT_WORK * len(SPREAD_POWERS) if len(SPREAD_POWERS) > 1 else 0.0
 
 
 def assign(faiss, fit: TwoLevel, x: np.ndarray, nprobe: int = NPROBE) -> np.ndarray:
@@ -235,11 +243,16 @@ def _allocate(k: int, mass: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return share
 
 
-class _Silent:
-    """A progress bar that shows nothing: the pilot fits'."""
+class _Scaled:
+    """A view of a progress bar (or of none) that advances it by `factor` of each step, and counts what it added."""
+
+    def __init__(self, bar: Any, factor: float) -> None:
+        self.bar, self.factor, self.done = bar, factor, 0.0
 
     def update(self, n: float = 1) -> None:
-        pass
+        self.done += n * self.factor
+        if self.bar is not None:
+            self.bar.update(n * self.factor)
 
 
 class _Share:
