@@ -275,6 +275,9 @@ def lut_bytes_top(scores: torch.Tensor, layout: ByteCodes, scale: torch.Tensor |
     and then exact for every token that could be the top one (`asg_lut_bytes_top` says how), times `scale` (V,)
     when given: the scores (V,) float32 and how many tokens were scored exactly."""
     blocks, m, _ = layout.low.shape
+    if tuple(layout.high.shape) != (blocks, m, layout.levels) or not (layout.low.is_contiguous() and layout.high.is_contiguous()) \
+            or not 2 <= layout.k <= 128 << layout.levels:
+        raise ValueError("codes are not in the layout byte_codes builds")
     _check_float32(scores, "scores")
     if tuple(scores.shape) != (m, layout.k):
         raise ValueError(f"scores must be ({m}, {layout.k}), the layout's segments and concepts, got {tuple(scores.shape)}")

@@ -78,8 +78,17 @@ def run_one(case: str, rows: int | None, kmeans: str, args) -> dict:
     import faiss  # noqa: F401  (imported before the baseline so that library pages are not counted)
     import torch  # noqa: F401
 
-    from asg import pq
+    from asg import pq, twolevel
 
+    powers = []  # the allocation each two-level fit chose by its pilot (pq calls twolevel.kmeans by the module)
+    fit_two_level = twolevel.kmeans
+
+    def recording(*positional, **named):
+        result = fit_two_level(*positional, **named)
+        powers.append(result.spread_power)
+        return result
+
+    twolevel.kmeans = recording
     before = start_peak()
     start = time.perf_counter()
     fit = pq.fit(x, k, m, codebook=codebook, niter=args.niter, kmeans=kmeans)
@@ -88,7 +97,8 @@ def run_one(case: str, rows: int | None, kmeans: str, args) -> dict:
     error = pq.relative_error(x, pq.decode(fit.codebooks, fit.codes))
     return {"case": case, "rows": rows, "columns": x.shape[1], "k": k, "kmeans": kmeans, "seconds": seconds,
             "two_level": pq.two_level(rows * m if codebook == "shared" else rows, k, x.shape[1] // m, args.niter, kmeans),
-            "peak_ratio": (x.nbytes + max(0, peak - before)) / x.nbytes, "error": error, "digest": digest(x)}
+            "peak_ratio": (x.nbytes + max(0, peak - before)) / x.nbytes, "error": error, "digest": digest(x),
+            "spread_powers": sorted(set(powers))}
 
 
 def run_one_gpu(case: str, x: np.ndarray, k: int, m: int, codebook: str, args) -> dict:
@@ -123,7 +133,9 @@ def spawn(case: str, rows: int | None, kmeans: str, args) -> dict:
            "--niter", str(args.niter), "--device", args.device] + (["--table", args.table] if args.table else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"  {case} rows={result['rows']} {kmeans}: {result['seconds']:.1f} s, error {result['error']:.5f}", file=sys.stderr)
+    chosen = f", cells by mass x spread^{result['spread_powers']}" if result.get("spread_powers") else ""
+    print(f"  {case} rows={result['rows']} {kmeans}: {result['seconds']:.1f} s, error {result['error']:.5f}{chosen}",
+          file=sys.stderr)
     return result
 
 

@@ -184,6 +184,11 @@ def test_byte_lookups_check_what_reaches_the_kernel():
         kernels.lut_bytes_top(torch.zeros(4, 300, dtype=torch.float64), layout)
     with pytest.raises(ValueError, match=r"\(100,\)"):
         kernels.lut_bytes_top(torch.zeros(4, 300), layout, torch.ones(99))
+    # a layout made by hand whose codes pass k: rescoring reads no score outside the table
+    made = kernels.byte_codes(torch.zeros(64, 2, dtype=torch.int16), 130)
+    made = made._replace(low=torch.full_like(made.low, 255), high=torch.full_like(made.high, -1))
+    out, rescored = kernels.lut_bytes_top(torch.arange(260, dtype=torch.float32).reshape(2, 130), made)
+    assert rescored == 64 and torch.equal(out, torch.full((64,), 129.0 + 259.0))  # code 255 read as the last, 129
     books = kernels.transposed_codebooks(torch.zeros(4 * 300, 2), 4, shared=False)
     assert books.shape == (4, 2, 300)
     with pytest.raises(ValueError, match=r"\(8,\)"):

@@ -441,7 +441,7 @@ static inline void list_near(float* out, const float* scale, int64_t b, int64_t 
 /* The code of token j (0-63) of block b in segment i, from the layout above. */
 static inline int64_t byte_code(const uint8_t* low, const uint64_t* high, int64_t b, int64_t i, int64_t j,
                                 int64_t m, int64_t levels) {
-  int64_t code = low[(b * m + i) * 64 + j];
+  int64_t code = low[(b * m + i) * 64 + j] & 127;
   for (int64_t h = 0; h < levels; h++) code |= (int64_t)((high[(b * m + i) * levels + h] >> j) & 1) << (7 + h);
   return code;
 }
@@ -512,7 +512,10 @@ int64_t asg_lut_bytes_top(const float* scores, int64_t k, const uint8_t* low, co
       float margin = scale ? bound * (scale[t] < 0.f ? -scale[t] : scale[t]) : bound;
       if (out[t] + margin >= best) {
         float acc = 0.f;
-        for (int64_t i = 0; i < m; i++) acc += scores[i * k + byte_code(low, high, t / 64, i, t % 64, m, levels)];
+        for (int64_t i = 0; i < m; i++) {
+          int64_t code = byte_code(low, high, t / 64, i, t % 64, m, levels);
+          acc += scores[i * k + (code < k ? code : k - 1)];  /* byte_codes checked them; a layout made by hand may not */
+        }
         out[t] = scale ? acc * scale[t] : acc;
         exact++;
       }
