@@ -255,6 +255,8 @@ def compare(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="ASG: store the codebooks as float32, bfloat16 or float16."),
     weights: Optional[str] = typer.Option(None, "--weights", help="ASG: frequency-aware k-means (wordfreq, "
                                                                   "wordfreq:LANG, or a counts file), as in `asg compress`."),
+    norms: Optional[str] = typer.Option(None, "--norms", help="ASG: keep each row's length (row) or one length "
+                                                              "for all (scalar), as in `asg compress`; counted in the budget."),
 ) -> None:
     """Compress a model with each method at a matched budget; print and plot reconstruction error and fidelity."""
     from .baselines import METHODS
@@ -279,7 +281,7 @@ def compare(
     vocab_size, dim = dense.get_input_embeddings().weight.shape
     segments = [suggest_k_m(vocab_size, dim)[1]] if m is None else [int(part) for part in m.split(",") if part.strip()]
     rows = compare_methods(dense, tokenizer, texts, budget=fractions, by=budget_by, m=segments, methods=chosen,
-                           group_sizes=groups, progress=True, seed=seed, dtype=dtype, weights=weights)
+                           group_sizes=groups, progress=True, seed=seed, dtype=dtype, weights=weights, norms=norms)
     shown = ", ".join(f"{fraction:.2%}" for fraction in fractions)
     title = f"{name}: embedding compression at {shown} of the {budget_by} ({len(texts)} texts)"
     paths = write_comparison(rows, output, title)

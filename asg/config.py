@@ -233,15 +233,17 @@ class ASGConfig(MethodConfig):
     @classmethod
     def for_budget(cls, method: str, vocab_size: int, dim: int, budget: float, *, by: str = "params",
                    element_size: int = 4, m: int | None = None, **options) -> "ASGConfig":
-        """The largest k whose codebooks (and, by bytes, codes packed and values in the stored `dtype`) fit the
-        budget, at the given m."""
+        """The largest k whose codebooks and norms (and, by bytes, codes packed and values in the stored `dtype`)
+        fit the budget, at the given m."""
         allowed, value = cls.budget_units(vocab_size, dim, budget, by, element_size)
         if m is None:
             raise ValueError("an ASG budget needs m, the number of segments")
         if by == "bytes" and options.get("dtype"):
             value = STORAGE_DTYPES[options["dtype"]].itemsize
         width = dim // m if options.get("codebook") == "shared" else dim  # values per concept, over all codebooks
-        k = largest(lambda k: k * width * value + vocab_size * m * cls.index_bytes(k, by), 2, vocab_size, allowed)
+        norms = {"row": vocab_size, "scalar": 1}.get(options.get("norms"), 0) * value  # the lengths it keeps
+        k = largest(lambda k: k * width * value + norms + vocab_size * m * cls.index_bytes(k, by), 2, vocab_size,
+                    allowed)
         if k is None:
             codes = vocab_size * m * cls.index_bytes(2, by) / (vocab_size * dim * value)
             raise ValueError(f"budget {budget:.4%} is too small for ASG with m={m}: not even k=2 concept vectors fit"

@@ -211,6 +211,19 @@ def test_compare_at_several_budgets_and_m_traces_each_method_against_its_bytes(m
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("norms", ["row", "scalar"])
+def test_compare_with_norms_counts_the_lengths_in_the_budget(model_dir, tmp_path, norms):
+    out = tmp_path / "norms"
+    result = run("compare", str(model_dir), "--budget", "10%", "--budget-by", "bytes", "--m", "8",
+                 "--methods", "asg,sg", "--norms", norms, "-o", str(out))
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    (asg_row,) = [row for row in rows if row["method"] == "asg"]
+    assert f"norms={norms}" in asg_row["settings"]
+    assert asg_row["bytes_percent"] <= 10 + 1e-9  # the stored lengths included
+    assert [row for row in rows if row["method"] == "sg"]  # methods without norms ignore the option
+
+
 def test_compare_reports_a_method_that_cannot_meet_the_budget(model_dir, tmp_path):
     result = run("compare", str(model_dir), "--budget", "1%", "--budget-by", "bytes", "--methods", "asg,lowrank",
                  "--m", "8", "-o", str(tmp_path / "cmp"))
