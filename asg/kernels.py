@@ -258,8 +258,7 @@ def lut_bytes(tables: torch.Tensor, layout: ByteCodes, step: float = 1.0, offset
     blocks, m, _ = layout.low.shape
     if tables.dtype != torch.uint8 or tuple(tables.shape) != (m, 128 << layout.levels):
         raise ValueError(f"tables must be ({m}, {128 << layout.levels}) uint8, got {tuple(tables.shape)} {tables.dtype}")
-    if tuple(layout.high.shape) != (blocks, m, layout.levels) or not (layout.low.is_contiguous() and layout.high.is_contiguous()):
-        raise ValueError("codes are not in the layout byte_codes builds")
+    _check_layout(layout)
     if not byte_lookups():
         raise RuntimeError("this build has no 8-bit lookup kernel (it needs AVX-512 VBMI)")
     tables = tables.contiguous()
@@ -270,14 +269,22 @@ def lut_bytes(tables: torch.Tensor, layout: ByteCodes, step: float = 1.0, offset
     return out[:layout.vocab]
 
 
+def _check_layout(layout: ByteCodes) -> None:
+    """ValueError unless `layout`'s arrays have the shapes `byte_codes` gives them (what the kernels index by)."""
+    blocks, m, width = layout.low.shape
+    if (width != 64 or tuple(layout.high.shape) != (blocks, m, layout.levels) or not 0 <= layout.levels <= 3
+            or layout.low.dtype != torch.uint8 or layout.high.dtype != torch.int64
+            or not (layout.low.is_contiguous() and layout.high.is_contiguous())
+            or -(-layout.vocab // 64) != blocks or not 2 <= layout.k <= 128 << layout.levels):
+        raise ValueError("codes are not in the layout byte_codes builds")
+
+
 def lut_bytes_top(scores: torch.Tensor, layout: ByteCodes, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Eq. 2 for one hidden state from its lookup tables `scores` (m, k) float32, approximated with 8-bit tables
     and then exact for every token that could be the top one (`asg_lut_bytes_top` says how), times `scale` (V,)
     when given: the scores (V,) float32 and how many tokens were scored exactly."""
     blocks, m, _ = layout.low.shape
-    if tuple(layout.high.shape) != (blocks, m, layout.levels) or not (layout.low.is_contiguous() and layout.high.is_contiguous()) \
-            or not 2 <= layout.k <= 128 << layout.levels:
-        raise ValueError("codes are not in the layout byte_codes builds")
+    _check_layout(layout)
     _check_float32(scores, "scores")
     if tuple(scores.shape) != (m, layout.k):
         raise ValueError(f"scores must be ({m}, {layout.k}), the layout's segments and concepts, got {tuple(scores.shape)}")

@@ -184,6 +184,8 @@ def test_byte_lookups_check_what_reaches_the_kernel():
         kernels.lut_bytes_top(torch.zeros(4, 300, dtype=torch.float64), layout)
     with pytest.raises(ValueError, match=r"\(100,\)"):
         kernels.lut_bytes_top(torch.zeros(4, 300), layout, torch.ones(99))
+    with pytest.raises(ValueError, match="layout"):  # more tokens than its blocks hold: the kernels would overrun
+        kernels.lut_bytes_top(torch.zeros(4, 300), layout._replace(vocab=10_000))
     # a layout made by hand whose codes pass k: rescoring reads no score outside the table
     made = kernels.byte_codes(torch.zeros(64, 2, dtype=torch.int16), 130)
     made = made._replace(low=torch.full_like(made.low, 255), high=torch.full_like(made.high, -1))
