@@ -102,14 +102,14 @@ def _kmeans(faiss, kmeans_exact, x: np.ndarray, k: int, niter: int, seed: int, w
     bounds = np.searchsorted(cell[order], np.arange(cells + 1))
     centroids = np.empty((k, dim), dtype=np.float32)
     starts = np.concatenate([[0], np.cumsum(share)])
-    fine_bar = _Share(bar, num)
+    fine_bar = _Scaled(bar, 0.0)  # each fine fit advances the bar by its share of one coarse-sized pass
     for j in range(cells):
         members = order[bounds[j]:bounds[j + 1]]
         if share[j] == 0:
             continue
         points = np.ascontiguousarray(x[members])
         w = None if weights is None or weights[members].sum() <= 0 else weights[members]
-        fine_bar.members = len(members)
+        fine_bar.factor = len(members) / num
         if share[j] == 1:
             centroids[starts[j]] = np.average(points, axis=0, weights=w)
             fine_bar.update(niter)
@@ -244,7 +244,8 @@ def _allocate(k: int, mass: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 
 class _Scaled:
-    """A view of a progress bar (or of none) that advances it by `factor` of each step, and counts what it added."""
+    """A view of a progress bar (or of none) that advances it by `factor` of each step, and counts what it added:
+    the pilot fits' share, or a fine fit's (its points over all)."""
 
     def __init__(self, bar: Any, factor: float) -> None:
         self.bar, self.factor, self.done = bar, factor, 0.0
@@ -253,14 +254,3 @@ class _Scaled:
         self.done += n * self.factor
         if self.bar is not None:
             self.bar.update(n * self.factor)
-
-
-class _Share:
-    """A view of a progress bar that a fine fit advances by its share of one coarse-sized pass."""
-
-    def __init__(self, bar: Any, total: int) -> None:
-        self.bar, self.total, self.members = bar, total, 0
-
-    def update(self, n: float = 1) -> None:
-        self.bar.update(n * self.members / self.total)
-
