@@ -3,7 +3,9 @@ reference on plain text (the adaptation the paper's Limitations section leaves o
 
 Encoders learn to match the reference's last hidden states (relative squared error); generative
 models its next-token distributions (KL divergence), input and output tables together. Codes and
-every other weight stay fixed. Held-out text decides when to stop, and the best state is kept.
+every other weight stay fixed. The reference runs once per text: its targets are kept (`ReferenceTargets`;
+a generative model's as the top_k most likely next tokens and the total of the rest) and reused on every
+later pass over that text. Held-out text decides when to stop, and the best state is kept.
 An optional `anchor` adds the tables' relative distance to the original dense tables, which keeps
 tokens that the calibration text never shows close to where they were.
 """
@@ -58,7 +60,9 @@ class CalibrationConfig:
     most `steps` steps; every `eval_every` steps the held-out loss is measured, and training stops after
     `patience` measurements without improvement. `heldout_fraction` of the texts is held out when no
     held-out text is given; `seed` orders the texts; `anchor` > 0 also pulls every table towards the
-    reference's dense one."""
+    reference's dense one. A generative reference's next-token distributions are kept, per text, as their
+    `top_k` most likely tokens and the rest's total, and the loss is the KL divergence between those
+    coarsened distributions; `top_k=0` compares whole distributions, running the reference at every step."""
 
     steps: int = 300
     lr: float = 1e-3
@@ -69,10 +73,13 @@ class CalibrationConfig:
     patience: int = 4
     seed: int = 0
     anchor: float = 0.0
+    top_k: int = 64
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.eval_every < 1 or self.patience < 1:
             raise ValueError("steps, eval_every and patience must be at least 1")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be zero (whole distributions) or positive, e.g. 64")
         if self.anchor < 0:
             raise ValueError(f"anchor={self.anchor} must be zero or positive")
         if not 0 < self.heldout_fraction < 1:
@@ -114,14 +121,21 @@ def calibrate(model, reference, texts: list[str], *, tokenizer, config: Calibrat
     max_length = min(token_limit(model, config.max_length), token_limit(reference, config.max_length))
     device = next(model.parameters()).device
 
-    def encode(batch):
-        enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-        return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    targets = ReferenceTargets(reference, generative, config.top_k) if config.top_k or not generative else None
+
+    def loss_of(batch) -> torch.Tensor:
+        with _padding_right(tokenizer):  # a text's tokens sit at the same positions in every batch
+            enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        if targets is None:
+            return distillation_loss(model, reference, enc, generative)
+        return targets.loss(model, enc, batch)
 
     def heldout_loss() -> float:
+        starts = range(0, len(heldout), batch_size)
         with torch.no_grad():
-            losses = [distillation_loss(model, reference, encode(heldout[i:i + batch_size]), generative).item()
-                      for i in range(0, len(heldout), batch_size)]
+            losses = [loss_of(heldout[i:i + batch_size]).item()
+                      for i in tqdm(starts, desc="held-out loss", unit="batch", leave=False, disable=not progress)]
         return sum(losses) / len(losses)
 
     model.eval()
@@ -134,7 +148,7 @@ def calibrate(model, reference, texts: list[str], *, tokenizer, config: Calibrat
                    unit="step", disable=not progress)
         try:
             for step, batch in enumerate(bar, start=1):
-                loss = distillation_loss(model, reference, encode(batch), generative)
+                loss = loss_of(batch)
                 optimizer.zero_grad()
                 (loss + config.anchor * sum(_distance(table, dense) for table, dense in anchors)).backward()
                 optimizer.step()
@@ -156,6 +170,79 @@ def calibrate(model, reference, texts: list[str], *, tokenizer, config: Calibrat
                                "heldout_texts": len(heldout), "heldout_loss_before": result.heldout_before,
                                "heldout_loss_after": result.heldout_after, **asdict(config)}
     return result
+
+
+class ReferenceTargets:
+    """What the model learns to reproduce, per text: the reference's last hidden states (encoders), or its
+    next-token distributions kept as the `top_k` most likely tokens' log-probabilities and the log of the
+    rest's total (generative models). The reference runs on a text the first time a batch holds it; later
+    batches reuse what it gave, as long as all of it fits in `max_bytes` (beyond that it runs again)."""
+
+    def __init__(self, reference, generative: bool, top_k: int = 64, max_bytes: int = 2 << 30) -> None:
+        self.reference, self.generative, self.top_k, self.max_bytes = reference, generative, top_k, max_bytes
+        self.encoder_decoder = bool(getattr(reference.config, "is_encoder_decoder", False))
+        self._kept: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._size = 0
+
+    def loss(self, model, enc, texts: list[str]) -> torch.Tensor:
+        """The distillation loss of `model` on the batch `enc` of `texts` (in that order)."""
+        scored = self._scored(enc)
+        counts = scored.sum(1).tolist()
+        kept = [self._kept.get(text) for text in texts]
+        if any(found is None or len(found[0]) != count for found, count in zip(kept, counts)):
+            kept = self._compute(enc, scored)
+            for text, found in zip(texts, kept):
+                size = sum(t.numel() * t.element_size() for t in found)
+                if text not in self._kept and self._size + size <= self.max_bytes:
+                    self._kept[text], self._size = found, self._size + size
+        parts = [torch.cat(part) for part in zip(*kept)]
+        if not self.generative:
+            return _relative_error(_last_hidden(model, enc).float()[scored], parts[0])
+        logits = next_token_logits(model, enc, self.encoder_decoder)[scored]
+        return coarse_kl(logits, *parts).mean() if len(logits) else logits.sum() * 0
+
+    def _scored(self, enc) -> torch.Tensor:
+        if self.generative:
+            return next_token_positions(enc, self.encoder_decoder)[0]
+        return enc["attention_mask"].bool()
+
+    @torch.no_grad()
+    def _compute(self, enc, scored: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """Each text's targets at its scored positions, from one run of the reference on the batch."""
+        if not self.generative:
+            hidden = _last_hidden(self.reference, enc).float()
+            return [(hidden[b][scored[b]],) for b in range(len(hidden))]
+        log_q = torch.log_softmax(next_token_logits(self.reference, enc, self.encoder_decoder), -1)
+        top, index = log_q.topk(min(self.top_k, log_q.shape[-1]), dim=-1)
+        rest = log_q.scatter(-1, index, float("-inf")).logsumexp(-1)
+        return [(top[b][scored[b]], index[b][scored[b]].int(), rest[b][scored[b]]) for b in range(len(top))]
+
+
+def coarse_kl(logits: torch.Tensor, top: torch.Tensor, index: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+    """KL(reference || model) per row between next-token distributions coarsened to the reference's most likely
+    tokens (`index`, their log-probabilities `top`) and one outcome for all others (log-probability `rest`),
+    from the model's `logits`. No larger than the KL of the whole distributions; equal when `index` holds
+    every token."""
+    log_p = logits - logits.logsumexp(-1, keepdim=True)
+    index = index.long()
+    # the finite fill keeps the gradient finite where no other token remains (-inf there would give 0 * nan)
+    log_p_rest = log_p.scatter(-1, index, -1e30).logsumexp(-1)
+    kl_top = (top.exp() * (top - log_p.gather(-1, index))).sum(-1)
+    # clamped so that an empty rest (probability 0 on either side) adds 0
+    return kl_top + rest.exp() * (rest.clamp_min(-1e4) - log_p_rest.clamp_min(-1e4))
+
+
+@contextmanager
+def _padding_right(tokenizer):
+    """The tokenizer pads on the right while in this block (and as it did afterwards)."""
+    side = getattr(tokenizer, "padding_side", None)
+    if side is not None:
+        tokenizer.padding_side = "right"
+    try:
+        yield
+    finally:
+        if side is not None:
+            tokenizer.padding_side = side
 
 
 @contextmanager
@@ -224,16 +311,19 @@ def _distance(table, dense: torch.Tensor) -> torch.Tensor:
     return (table.weight - dense).square().sum() / dense.square().sum()
 
 
+def _relative_error(hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """||hidden - target||² / ||target||² over the real tokens' last hidden states (n, D)."""
+    return (hidden - target).square().sum() / target.square().sum().clamp_min(1e-12)
+
+
 def distillation_loss(model, reference, enc, generative: bool) -> torch.Tensor:
     """The distillation loss of one batch: relative squared error of the last hidden states (encoders), or
     KL(reference || model) of the next-token distributions (generative models)."""
-    mask = enc["attention_mask"]
     if not generative:
+        real = enc["attention_mask"].bool()
         with torch.no_grad():
-            target = _last_hidden(reference, enc).float()
-        hidden = _last_hidden(model, enc).float()
-        weight = mask[..., None].float()
-        return ((hidden - target).square() * weight).sum() / (target.square() * weight).sum().clamp_min(1e-12)
+            target = _last_hidden(reference, enc).float()[real]
+        return _relative_error(_last_hidden(model, enc).float()[real], target)
     encoder_decoder = bool(getattr(reference.config, "is_encoder_decoder", False))
     valid, _ = next_token_positions(enc, encoder_decoder)
     with torch.no_grad():

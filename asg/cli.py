@@ -373,6 +373,9 @@ def calibrate(
                                                        "the calibration text, none lost on other text."),
     batch_size: int = typer.Option(16, "--batch-size"),
     max_length: int = typer.Option(128, "--max-length", help="Tokens per text."),
+    top_k: int = typer.Option(64, "--top-k", help="Generative models: keep the original's next-token distributions as "
+                                                  "their K most likely tokens and the rest's total, computed once per "
+                                                  "text (0: whole distributions, the original run at every step)."),
     report: bool = typer.Option(True, "--report/--no-report", help="Measure fidelity before and after (four passes "
                                                                    "over the held-out texts; the original runs once)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it is an existing ASG checkpoint."),
@@ -400,7 +403,8 @@ def calibrate(
                 for part, cache in zip((heldout, held), caches)] if report else []
 
     before = reports()
-    config = CalibrationConfig(steps=steps, lr=lr, batch_size=batch_size, max_length=max_length, anchor=anchor)
+    config = CalibrationConfig(steps=steps, lr=lr, batch_size=batch_size, max_length=max_length, anchor=anchor,
+                               top_k=top_k)
     result = run_calibration(model, dense, texts, tokenizer=tokenizer, config=config, heldout=heldout)
     after = reports()
     _written.append(save_pretrained(model, output, tokenizer=tokenizer, overwrite=overwrite,

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 import asg
 from asg import pq
-from asg.calibration import calibrate, distillation_loss, default_corpus
+from asg.calibration import ReferenceTargets, calibrate, coarse_kl, distillation_loss, default_corpus
 from asg.cli import app
-from asg.fidelity import fidelity, read_texts
+from asg.fidelity import fidelity, next_token_kl, read_texts
 from tiny_models import build, write_bert_folder
 
 WORDS = ["the", "cat", "dog", "sat", "ran", "on", "a", "mat", "big", "small", "red", "house", "tree", "bird"]
@@ -30,12 +30,15 @@ class WordTokenizer:
     """Just enough of a tokenizer for tiny random models: words of WORDS map to fixed ids."""
 
     pad_token = "[PAD]"
+    padding_side = "right"
 
     def __call__(self, batch, return_tensors, padding, truncation, max_length):
         ids = [[3 + WORDS.index(w) for w in text.split()][:max_length] for text in batch]
         width = max(len(row) for row in ids)
-        return {"input_ids": torch.tensor([row + [0] * (width - len(row)) for row in ids]),
-                "attention_mask": torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])}
+        pad = (lambda row, fill: row + [fill] * (width - len(row))) if self.padding_side == "right" else \
+            (lambda row, fill: [fill] * (width - len(row)) + row)
+        return {"input_ids": torch.tensor([pad(row, 0) for row in ids]),
+                "attention_mask": torch.tensor([pad([1] * len(row), 0) for row in ids])}
 
 
 def heldout_loss(model, reference, held, generative, batch_size=16):
@@ -55,7 +58,7 @@ def test_calibration_lowers_heldout_loss_and_touches_only_codebooks(arch, genera
     train, held = texts(200, 0), texts(40, 1)
     loss_before = heldout_loss(model, reference, held, generative)
     result = calibrate(model, reference, train, tokenizer=WordTokenizer(), steps=60, lr=1e-2, batch_size=16,
-                       heldout=held, eval_every=10, patience=10, progress=False)
+                       heldout=held, eval_every=10, patience=10, progress=False, top_k=256)  # all 211 tokens: exact
     loss_after = heldout_loss(model, reference, held, generative)
     assert loss_after < 0.9 * loss_before  # real improvement on text it did not train on
     assert result.heldout_after == pytest.approx(loss_after, rel=1e-5)
@@ -69,6 +72,82 @@ def test_calibration_lowers_heldout_loss_and_touches_only_codebooks(arch, genera
     recorded = model.config.asg["calibration"]  # what a saved folder will say about it
     assert (recorded["steps"], recorded["lr"], recorded["texts"], recorded["heldout_texts"]) == (60, 1e-2, 200, 40)
     assert recorded["heldout_loss_after"] == result.heldout_after
+
+
+@pytest.mark.parametrize("k", [1, 5, 100, 210, 211, 300])
+def test_coarse_kl_is_a_lower_bound_that_becomes_exact(k):
+    rng = torch.Generator().manual_seed(k)
+    log_q = torch.log_softmax(3 * torch.randn(9, 211, generator=rng), -1)
+    logits = (3 * torch.randn(9, 211, generator=rng)).requires_grad_()
+    full = next_token_kl(torch.log_softmax(logits, -1), log_q)
+    top, index = log_q.topk(min(k, 211), -1)
+    rest = log_q.scatter(-1, index, float("-inf")).logsumexp(-1)
+    coarse = coarse_kl(logits, top, index.int(), rest)
+    coarse.sum().backward()
+    assert torch.all(coarse <= full + 1e-5) and torch.all(coarse >= -1e-6)  # coarsening never adds divergence
+    if k >= 210:  # one token left out is still the whole distribution
+        torch.testing.assert_close(coarse, full, rtol=1e-4, atol=1e-5)
+    else:
+        assert coarse.sum() < (1 - 1e-4) * full.sum()  # what the coarsening hides is lost
+    assert torch.isfinite(logits.grad).all()
+
+
+class _Counted:
+    """Counts the texts the wrapped reference's forward sees."""
+
+    def __init__(self, model):
+        self.texts = 0
+        model.register_forward_pre_hook(lambda module, args, kwargs: setattr(
+            self, "texts", self.texts + len(kwargs["input_ids"])), with_kwargs=True)
+
+
+@pytest.mark.parametrize("arch, generative", [("bert-base", False), ("gpt2", True), ("mt5", True)])
+def test_reference_targets_run_the_reference_once_per_text(arch, generative):
+    reference = build(arch)
+    model = copy.deepcopy(reference)
+    asg.compress(model, asg.ASGConfig(k=16, m=8), progress=False)
+    counted = _Counted(reference)
+    targets = ReferenceTargets(reference, generative, top_k=211)
+    corpus = texts(12, 3)
+    enc = lambda batch: WordTokenizer()(batch, "pt", True, True, 128)
+    with torch.no_grad():
+        for n, batch in enumerate((corpus[:6], corpus[6:], corpus[::2], corpus[1::2], corpus[::-1])):
+            # the same texts in other batches, at other widths: the same loss as running the reference again
+            expected = distillation_loss(model, reference, enc(batch), generative)
+            before = counted.texts
+            assert targets.loss(model, enc(batch), batch).item() == pytest.approx(expected.item(), rel=1e-4)
+            assert counted.texts == before + (len(batch) if n < 2 else 0)  # new texts only
+    assert len(targets._kept) == 12
+
+
+def test_reference_targets_beyond_their_memory_run_the_reference_again():
+    reference = build("gpt2")
+    counted = _Counted(reference)
+    targets = ReferenceTargets(reference, True, top_k=8, max_bytes=1000)
+    corpus = texts(6, 4)
+    enc = WordTokenizer()(corpus, "pt", True, True, 128)
+    with torch.no_grad():
+        first = targets.loss(reference, enc, corpus)
+        second = targets.loss(reference, enc, corpus)
+    assert first.item() == pytest.approx(second.item(), abs=1e-6) and first.item() < 1e-5  # the reference itself
+    assert counted.texts == 2 * 6 * 2 and targets._size <= 1000  # model and reference each run twice
+
+
+def test_calibration_with_few_top_tokens_pads_right_and_restores_the_tokenizer():
+    reference = build("gpt2")
+    model = copy.deepcopy(reference)
+    asg.compress(model, asg.ASGConfig(k=16, m=8), progress=False)
+    tokenizer = WordTokenizer()
+    tokenizer.padding_side = "left"
+    counted = _Counted(reference)
+    train, held = texts(40, 0), texts(16, 1)
+    result = calibrate(model, reference, train, tokenizer=tokenizer, steps=30, lr=1e-2, batch_size=8, heldout=held,
+                       eval_every=10, patience=10, progress=False, top_k=16)
+    assert tokenizer.padding_side == "left"
+    assert counted.texts == len(set(train)) + len(set(held))  # 30 steps of 8 texts and 4 held-out passes
+    assert result.heldout_after < 0.9 * result.heldout_before  # the coarse loss it trains on falls
+    with pytest.raises(ValueError, match="top_k=-1 must be zero"):
+        calibrate(model, reference, train, tokenizer=tokenizer, top_k=-1)
 
 
 def test_calibration_keeps_the_best_state_and_stops_early():
@@ -228,6 +307,9 @@ def test_calibrate_errors(compressed_folder):
     (tmp / "empty.txt").write_text("\n\n")
     result = CliRunner().invoke(app, ["calibrate", str(tmp / "asg"), "--text", str(tmp / "empty.txt"), "-o", str(tmp / "x")])
     assert result.exit_code == 2 and "holds no text" in result.stderr
+    result = CliRunner().invoke(app, ["calibrate", str(tmp / "asg"), "--text", str(tmp / "train.txt"), "--top-k", "-1",
+                                      "--no-report", "-o", str(tmp / "x")])
+    assert result.exit_code == 2 and "top_k=-1 must be zero" in result.stderr
     shutil.move(tmp / "bert", tmp / "moved")
     result = CliRunner().invoke(app, ["calibrate", str(tmp / "asg"), "--text", str(tmp / "train.txt"), "-o", str(tmp / "x")])
     assert result.exit_code == 2 and "is not there any more; pass --reference MODEL" in result.stderr
