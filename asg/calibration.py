@@ -209,13 +209,17 @@ class ReferenceTargets:
     @torch.no_grad()
     def _compute(self, enc, scored: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
         """Each text's targets at its scored positions, from one run of the reference on the batch."""
+        counts = scored.sum(1).tolist()
         if not self.generative:
-            hidden = _last_hidden(self.reference, enc).float()
-            return [(hidden[b][scored[b]],) for b in range(len(hidden))]
-        log_q = torch.log_softmax(next_token_logits(self.reference, enc, self.encoder_decoder), -1)
-        top, index = log_q.topk(min(self.top_k, log_q.shape[-1]), dim=-1)
-        rest = log_q.scatter(-1, index, float("-inf")).logsumexp(-1)
-        return [(top[b][scored[b]], index[b][scored[b]].int(), rest[b][scored[b]]) for b in range(len(top))]
+            return [(rows,) for rows in _last_hidden(self.reference, enc).float()[scored].split(counts)]
+        logits = next_token_logits(self.reference, enc, self.encoder_decoder)[scored]
+        top, index = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1)
+        top -= logits.logsumexp(-1, keepdim=True)
+        # in float64, 1 - (the top tokens' total) is accurate to far below what the KL can notice
+        rest = torch.log1p(-top.double().exp().sum(-1).clamp_max(1)).float()
+        if top.shape[-1] == logits.shape[-1]:
+            rest.fill_(float("-inf"))  # no other token: what rounding leaves over is no probability
+        return list(zip(top.split(counts), index.int().split(counts), rest.split(counts)))
 
 
 def coarse_kl(logits: torch.Tensor, top: torch.Tensor, index: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:

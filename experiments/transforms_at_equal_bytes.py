@@ -1,7 +1,9 @@
 """Issue 15, item 3: does a transform before PQ buy quality at equal bytes? Plain PQ against a rotation
-(faiss OPQ, or PCA with eigenvalues balanced across segments) and an output-aware metric (PQ fitted
+(faiss OPQ, or PCA with eigenvalues balanced across segments), an output-aware metric (PQ fitted
 after multiplying the table by S^(a/2), S the second moment of the head's input on calibration text,
-so that squared error there is logit error; a=1 is that metric, a=0.5 half-way to plain PQ).
+so that squared error there is logit error; a=1 is that metric, a=0.5 half-way to plain PQ), and
+residual codes (`residual`: PQ with m/2 segments, then PQ with m/2 segments of what it left; as many
+codes per token as plain PQ, segments twice as wide).
 
 Every variant swaps its reconstructed table into a dense copy of the model (ASG's forward is the dense
 forward on that table, so this measures what the ASG model would give) and is scored with `asg`'s own
@@ -11,7 +13,7 @@ of Python's language reference; the head's input is collected on other paragraph
 at ⌈log2 k⌉ bits, codebooks in bf16 and the D×D transform in bf16. Results are in the README.
 
     python experiments/transforms_at_equal_bytes.py minilm --k 152 --m 96 --variants plain opq pca
-    python experiments/transforms_at_equal_bytes.py gemma --k 64 --m 320 --variants plain out1 out0.5
+    python experiments/transforms_at_equal_bytes.py gemma --k 64 --m 320 --variants plain out1 out0.5 residual
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=152)
     parser.add_argument("--m", type=int, default=96)
     parser.add_argument("--variants", nargs="+", default=["plain", "opq"],
-                        help="plain, opq, pca, or outA (output-aware with exponent A, e.g. out1)")
+                        help="plain, opq, pca, residual, or outA (output-aware with exponent A, e.g. out1)")
     args = parser.parse_args()
 
     import numpy as np
@@ -67,10 +69,18 @@ def main() -> None:
           " | ".join(f"{name}: {'ppl | KL' if args.model == 'gemma' else 'mean cosine'}" for name in heldout) + " |")
     print("|---|---|---:|---:|---:|" + "---:|" * (len(heldout) * (2 if args.model == "gemma" else 1)))
     for variant in args.variants:
-        forward, back = _transform(variant, table, moment, args.m, dim)
-        fit = pq.fit((table @ forward).astype(np.float32), args.k, args.m)
-        rebuilt = pq.decode(fit.codebooks, fit.codes).astype(np.float64) @ back
-        size = vocab * args.m * math.ceil(math.log2(args.k)) / 8 + args.k * dim * 2 + (0 if variant == "plain" else dim * dim * 2)
+        size = vocab * args.m * math.ceil(math.log2(args.k)) / 8 + args.k * dim * 2
+        if variant == "residual":
+            first = pq.fit(table, args.k, args.m // 2)
+            rebuilt = pq.decode(first.codebooks, first.codes).astype(np.float64)
+            second = pq.fit((table - rebuilt).astype(np.float32), args.k, args.m // 2)
+            rebuilt += pq.decode(second.codebooks, second.codes)
+            size += args.k * dim * 2  # a second set of codebooks
+        else:
+            forward, back = _transform(variant, table, moment, args.m, dim)
+            fit = pq.fit((table @ forward).astype(np.float32), args.k, args.m)
+            rebuilt = pq.decode(fit.codebooks, fit.codes).astype(np.float64) @ back
+            size += 0 if variant == "plain" else dim * dim * 2
         for norms in ([None, "scalar"] if args.model == "gemma" else [None]):
             shown = rebuilt if norms is None else \
                 rebuilt / np.maximum(np.linalg.norm(rebuilt, axis=1, keepdims=True), 1e-12) * mean_length
