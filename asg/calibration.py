@@ -176,7 +176,8 @@ class ReferenceTargets:
     """What the model learns to reproduce, per text: the reference's last hidden states (encoders), or its
     next-token distributions kept as the `top_k` most likely tokens' log-probabilities and the log of the
     rest's total (generative models). The reference runs on a text the first time a batch holds it; later
-    batches reuse what it gave, as long as all of it fits in `max_bytes` (beyond that it runs again)."""
+    batches reuse what it gave, as long as all of it fits in `max_bytes` (beyond that it runs again). Batches
+    should pad on the right, as `calibrate`'s do, so that a text sits at the same positions in every batch."""
 
     def __init__(self, reference, generative: bool, top_k: int = 64, max_bytes: int = 2 << 30) -> None:
         self.reference, self.generative, self.top_k, self.max_bytes = reference, generative, top_k, max_bytes
