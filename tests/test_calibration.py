@@ -62,7 +62,7 @@ def test_calibration_lowers_heldout_loss_and_touches_only_codebooks(arch, genera
     loss_after = heldout_loss(model, reference, held, generative)
     assert loss_after < 0.9 * loss_before  # real improvement on text it did not train on
     assert result.heldout_after == pytest.approx(loss_after, rel=1e-4)  # the same loss, kept targets: float rounding apart
-    assert result.heldout_before == pytest.approx(loss_before, rel=1e-5)
+    assert result.heldout_before == pytest.approx(loss_before, rel=1e-4)
     after = model.state_dict()
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed and all(name.endswith("codebooks") for name in changed)  # codes and every other weight: identical
