@@ -121,14 +121,12 @@ def calibrate(model, reference, texts: list[str], *, tokenizer, config: Calibrat
     max_length = min(token_limit(model, config.max_length), token_limit(reference, config.max_length))
     device = next(model.parameters()).device
 
-    targets = ReferenceTargets(reference, generative, config.top_k) if config.top_k or not generative else None
+    targets = ReferenceTargets(reference, generative, config.top_k)
 
     def loss_of(batch) -> torch.Tensor:
         with _padding_right(tokenizer):  # a text's tokens sit at the same positions in every batch
             enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
         enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-        if targets is None:
-            return distillation_loss(model, reference, enc, generative)
         return targets.loss(model, enc, batch)
 
     def heldout_loss() -> float:
@@ -177,7 +175,9 @@ class ReferenceTargets:
     next-token distributions kept as the `top_k` most likely tokens' log-probabilities and the log of the
     rest's total (generative models). The reference runs on a text the first time a batch holds it; later
     batches reuse what it gave, as long as all of it fits in `max_bytes` (beyond that it runs again). Batches
-    should pad on the right, as `calibrate`'s do, so that a text sits at the same positions in every batch."""
+    should pad on the right, as `calibrate`'s do, so that a text sits at the same positions in every batch.
+    A generative model with `top_k=0` keeps nothing: the reference runs on every batch, and the loss compares
+    whole distributions (`distillation_loss`)."""
 
     def __init__(self, reference, generative: bool, top_k: int = 64, max_bytes: int = 2 << 30) -> None:
         self.reference, self.generative, self.top_k, self.max_bytes = reference, generative, top_k, max_bytes
@@ -187,11 +187,13 @@ class ReferenceTargets:
 
     def loss(self, model, enc, texts: list[str]) -> torch.Tensor:
         """The distillation loss of `model` on the batch `enc` of `texts` (in that order)."""
+        if self.generative and not self.top_k:
+            return distillation_loss(model, self.reference, enc, True)
         scored = self._scored(enc)
         counts = scored.sum(1).tolist()
         kept = [self._kept.get(text) for text in texts]
         if any(found is None or len(found[0]) != count for found, count in zip(kept, counts)):
-            kept = self._compute(enc, scored)
+            kept = self._compute(enc, scored, counts)
             for text, found in zip(texts, kept):
                 size = sum(t.numel() * t.element_size() for t in found)
                 if text not in self._kept and self._size + size <= self.max_bytes:
@@ -202,15 +204,18 @@ class ReferenceTargets:
         logits = next_token_logits(model, enc, self.encoder_decoder)[scored]
         return coarse_kl(logits, *parts).mean() if len(logits) else logits.sum() * 0
 
+    def clear(self) -> None:
+        """Forget every kept target: the reference runs again on each text."""
+        self._kept, self._size = {}, 0
+
     def _scored(self, enc) -> torch.Tensor:
         if self.generative:
             return next_token_positions(enc, self.encoder_decoder)[0]
         return enc["attention_mask"].bool()
 
     @torch.no_grad()
-    def _compute(self, enc, scored: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-        """Each text's targets at its scored positions, from one run of the reference on the batch."""
-        counts = scored.sum(1).tolist()
+    def _compute(self, enc, scored: torch.Tensor, counts: list[int]) -> list[tuple[torch.Tensor, ...]]:
+        """Each text's targets at its `counts` scored positions, from one run of the reference on the batch."""
         if not self.generative:
             return [(rows,) for rows in _last_hidden(self.reference, enc).float()[scored].split(counts)]
         logits = next_token_logits(self.reference, enc, self.encoder_decoder)[scored]

@@ -79,8 +79,7 @@ def main() -> None:
             step_with(targets.loss(model, enc, texts))
 
         def first_pass_step():
-            targets._kept.clear()
-            targets._size = 0
+            targets.clear()
             step_with(targets.loss(model, enc, texts))
 
         def whole_distribution_step():

@@ -118,6 +118,11 @@ def test_reference_targets_run_the_reference_once_per_text(arch, generative):
             assert targets.loss(model, enc(batch), batch).item() == pytest.approx(expected.item(), rel=1e-4)
             assert counted.texts == before + (len(batch) if n < 2 else 0)  # new texts only
     assert len(targets._kept) == 12
+    if generative:  # top_k=0 keeps nothing and compares whole distributions
+        whole = ReferenceTargets(reference, True, top_k=0)
+        with torch.no_grad():
+            loss, expected = whole.loss(model, enc(corpus), corpus), distillation_loss(model, reference, enc(corpus), True)
+        assert loss.item() == expected.item() and not whole._kept
 
 
 def test_reference_targets_beyond_their_memory_run_the_reference_again():
