@@ -62,6 +62,9 @@ def test_assignment_finds_the_exact_nearest_centroid_for_almost_every_point():
 
 def test_the_pilot_keeps_the_allocation_that_fits_better(monkeypatch):
     x = _clustered(num=60000, seed=3)
+    # the allocation alone: on these 8-dimensional points Lloyd iterations over all centroids repair much of it
+    monkeypatch.setattr(twolevel, "REFINE_ITERS", 0)
+    monkeypatch.setattr(twolevel, "RELOCATE_ROUNDS", 0)
     # p=8 gives nearly every centroid to the widest cells: clearly worse, in whichever order it is tried
     for powers in [(1.0, 8.0), (8.0, 1.0)]:
         monkeypatch.setattr(twolevel, "SPREAD_POWERS", powers)
@@ -157,3 +160,46 @@ def test_the_cli_option_reaches_the_configs_that_run_kmeans():
     assert _method_config("sg", 1000, 64, None, kmeans="exact", **{**options, "k": None, "m": None}).kmeans == "exact"
     lowrank = _method_config("lowrank", 1000, 64, "5%", kmeans="exact", **{**options, "k": None, "m": None})
     assert not hasattr(lowrank, "kmeans")  # no k-means to set: the option is one every command passes
+
+
+def test_search_gives_the_nearest_and_second_nearest_distances():
+    x = _clustered(num=3000, dim=16, seed=5)
+    fit = twolevel.kmeans(faiss, pq._faiss_kmeans, x, 300, 5, 0, None, _Bar())
+    squared = ((x[:, None, :] - fit.centroids[None]) ** 2).sum(-1)
+    want = np.sort(squared, 1)[:, :2]
+    for nprobe in (0, len(fit.coarse)):  # one flat search, and every cell probed: both exhaustive
+        index, best, second = twolevel._search(faiss, fit, x, True, nprobe)
+        np.testing.assert_allclose(best, want[:, 0], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(second, want[:, 1], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(squared[np.arange(len(x)), index], want[:, 0], rtol=1e-4, atol=1e-4)
+    # fewer cells: the nearest among fewer centroids is never nearer than the nearest of all
+    index, best, second = twolevel._search(faiss, fit, x, True, 1)
+    assert (best >= want[:, 0] * (1 - 1e-4) - 1e-4).all() and (second >= best).all()
+    assert (best > want[:, 0] * (1 + 1e-3) + 1e-3).any()  # and the one cell missed some nearest centroids
+
+
+def test_the_probed_cells_reach_the_agreement_or_the_search_covers_every_centroid():
+    x = np.random.default_rng(6).standard_normal((20000, 16)).astype(np.float32)
+    fit = twolevel._kmeans(faiss, pq._faiss_kmeans, x, 1024, 5, 0, None, _Bar(), 1.0)
+    nprobe = twolevel._nprobe(faiss, fit, x, 0)
+    assert nprobe == 0 or nprobe == twolevel.NPROBE_MAX or \
+        np.mean(twolevel._search(faiss, fit, x, False, nprobe)[1] <= twolevel._search(faiss, fit, x, False, 0)[1]
+                * (1 + 1e-5) + 1e-12) >= twolevel.PROBE_AGREEMENT - 0.01
+    # 16 values into 32 cells: 4 probed cells hold the nearest centroid for far too few points
+    assert nprobe != twolevel.NPROBE
+
+
+def test_relocation_lowers_the_error_where_cells_are_probed(monkeypatch):
+    # SG's regime (2.5 points a centroid) on clustered points of 64 values, with cells probed as on large tables
+    x = _clustered(num=6000, dim=64, centers=300, seed=7)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    monkeypatch.setattr(twolevel, "_nprobe", lambda *args: twolevel.NPROBE)
+    errors = []
+    for rounds in (0, 2):
+        monkeypatch.setattr(twolevel, "RELOCATE_ROUNDS", rounds)
+        bar = _Bar()
+        fit = twolevel.kmeans(faiss, pq._faiss_kmeans, x, 2400, 10, 0, None, bar)
+        assert bar.n == pytest.approx(twolevel.units(10))
+        assert fit.starts[-1] == 2400 and (np.diff(fit.starts) >= 0).all() and np.isfinite(fit.centroids).all()
+        errors.append(_error(x, fit.centroids, twolevel.assign(faiss, fit, x)))
+    assert errors[1] < 0.98 * errors[0], errors
