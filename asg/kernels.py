@@ -216,9 +216,11 @@ def segment_scores(hidden: torch.Tensor, transposed: torch.Tensor, m: int) -> to
 
 
 class ByteCodes(NamedTuple):
-    """A code table laid out for `lut_bytes`: per block of 64 tokens and segment, the codes' bits 0-6 as 64
-    bytes (`low`, (blocks, m, 64) uint8) and each higher bit as a 64-bit mask (`high`, (blocks, m, levels)
-    int64); `levels` = log2 of the 128-entry chunks a segment's table needs (0-3, so k <= 1024); every code < k."""
+    """A code table laid out for `lut_bytes`: per block of 64 tokens and segment, the codes' bits 0-7 as 64
+    bytes (`low`, (blocks, m, 64) uint8) and each higher bit as a 64-bit mask (`high`, (blocks, m, levels - 1)
+    int64; none while levels <= 1); `levels` = log2 of the 128-entry chunks a segment's table needs (0-3, so
+    k <= 1024); every code < k. A code takes ⌈log2 k⌉ bits (at least 8): the kernel reads bytes at the speed it
+    streams them, so each bit counts."""
 
     low: torch.Tensor
     high: torch.Tensor
@@ -234,7 +236,8 @@ def byte_lookups() -> bool:
 
 
 def byte_codes(codes: torch.Tensor, k: int) -> ByteCodes:
-    """`codes` (V, m), values in 0..k-1 with k <= 1024, in the layout `lut_bytes` reads (1.4 bytes a code)."""
+    """`codes` (V, m), values in 0..k-1 with k <= 1024, in the layout `lut_bytes` reads (1.25 bytes a code at
+    k=1024)."""
     if not 2 <= k <= 1024:
         raise ValueError(f"8-bit lookups take k <= 1024 concepts per segment, not {k}")
     check_codes(codes, k)
@@ -244,8 +247,8 @@ def byte_codes(codes: torch.Tensor, k: int) -> ByteCodes:
     padded = torch.zeros(blocks * 64, m, dtype=torch.int32)
     padded[:vocab] = codes
     per_block = padded.view(blocks, 64, m).transpose(1, 2)  # (blocks, m, 64 tokens)
-    low = (per_block & 127).to(torch.uint8).contiguous()
-    bits = torch.stack([(per_block >> (7 + h)) & 1 for h in range(levels)], 2) if levels else \
+    low = (per_block & 255).to(torch.uint8).contiguous()
+    bits = torch.stack([(per_block >> (8 + h)) & 1 for h in range(levels - 1)], 2) if levels > 1 else \
         torch.zeros(blocks, m, 0, 64, dtype=torch.int32)
     weights = torch.ones(64, dtype=torch.int64) << torch.arange(64)  # bit j: token j of the block
     high = (bits.to(torch.int64) * weights).sum(-1).contiguous()  # wraps into the sign bit for token 63, as intended
@@ -272,7 +275,7 @@ def lut_bytes(tables: torch.Tensor, layout: ByteCodes, step: float = 1.0, offset
 def _check_layout(layout: ByteCodes) -> None:
     """ValueError unless `layout`'s arrays have the shapes `byte_codes` gives them (what the kernels index by)."""
     blocks, m, width = layout.low.shape
-    if (width != 64 or tuple(layout.high.shape) != (blocks, m, layout.levels) or not 0 <= layout.levels <= 3
+    if (width != 64 or not 0 <= layout.levels <= 3 or tuple(layout.high.shape) != (blocks, m, max(layout.levels - 1, 0))
             or layout.low.dtype != torch.uint8 or layout.high.dtype != torch.int64
             or not (layout.low.is_contiguous() and layout.high.is_contiguous())
             or -(-layout.vocab // 64) != blocks or not 2 <= layout.k <= 128 << layout.levels):

@@ -336,10 +336,10 @@ ASG_KERNELS(i32, int32_t)
 
 /* Approximate eq. 2 with 8-bit lookup tables, 64 tokens per instruction (AVX-512 VBMI's byte permutes, as
  * faiss's fast-scan PQ does with 4-bit codes): sums[t] = sum_i q[i*kp + code(t, i)] for tokens in blocks of 64,
- * read from an interleaved layout: low[(b*m + i)*64 + j] holds bits 0-6 of the code of token 64b + j in segment
- * i, high[(b*m + i)*levels + h] a 64-bit mask of their bit 7 + h. q is (m, kp) uint8 with kp = 128 << levels
- * (levels 0-3, k <= 1024); out[t] = step * sums[t] + offset. Builds without VBMI have no such kernel
- * (asg_byte_lookups() == 0). */
+ * read from an interleaved layout: low[(b*m + i)*64 + j] holds bits 0-7 of the code of token 64b + j in segment
+ * i, high[(b*m + i)*(levels - 1) + h] a 64-bit mask of their bit 8 + h (levels > 1). q is (m, kp) uint8 with
+ * kp = 128 << levels (levels 0-3: the code bits above the 7 a permute reads; k <= 1024); out[t] = step * sums[t] +
+ * offset. Builds without VBMI have no such kernel (asg_byte_lookups() == 0). */
 #if defined(__AVX512VBMI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 int asg_byte_lookups(void) { return 1; }
@@ -364,9 +364,9 @@ static inline __attribute__((always_inline)) void lut_bytes_block(const uint8_t*
       __m512i r[8];
       for (int64_t h = 0; h < ((int64_t)1 << levels); h++)
         r[h] = _mm512_permutex2var_epi8(_mm512_loadu_si512(table + 128 * h), idx, _mm512_loadu_si512(table + 128 * h + 64));
-      const uint64_t* bits = high + (b * m + i) * levels;
+      const uint64_t* bits = high + (b * m + i) * (levels > 1 ? levels - 1 : 0);
       for (int64_t level = 0; level < levels; level++) {  /* bit 7 + level picks one of each pair */
-        __mmask64 pick = (__mmask64)bits[level];
+        __mmask64 pick = level ? (__mmask64)bits[level - 1] : _mm512_movepi8_mask(idx);  /* bit 7: the byte's sign */
         for (int64_t h = 0; h < ((int64_t)1 << (levels - level - 1)); h++)
           r[h] = _mm512_mask_blend_epi8(pick, r[2 * h], r[2 * h + 1]);
       }
@@ -441,8 +441,8 @@ static inline void list_near(float* out, const float* scale, int64_t b, int64_t 
 /* The code of token j (0-63) of block b in segment i, from the layout above. */
 static inline int64_t byte_code(const uint8_t* low, const uint64_t* high, int64_t b, int64_t i, int64_t j,
                                 int64_t m, int64_t levels) {
-  int64_t code = low[(b * m + i) * 64 + j] & 127;
-  for (int64_t h = 0; h < levels; h++) code |= (int64_t)((high[(b * m + i) * levels + h] >> j) & 1) << (7 + h);
+  int64_t code = low[(b * m + i) * 64 + j] & (levels ? 255 : 127);
+  for (int64_t h = 1; h < levels; h++) code |= (int64_t)((high[(b * m + i) * (levels - 1) + h - 1] >> j) & 1) << (7 + h);
   return code;
 }
 
