@@ -57,14 +57,15 @@ RELOCATE_SHARE = 0.1
 RELOCATE_ITERS = 3
 _CHUNK_VALUES = 1 << 23  # values of the points handled at once: bounds every temporary (32 MiB of float32; the
 # inverted-file search sorts nprobe int64 per point, 4x that)
-#: At least this many points per inverted-file search: each search makes one flat index per cell, so rows of many
-#: values (SG's 768) in chunks of _CHUNK_VALUES would rebuild those thousands of times a pass (its temporaries are
-#: per point, 8·nprobe bytes and a few more, not per value).
-_SEARCH_ROWS = 1 << 18
-_ADD_VALUES = 1 << 21
+#: At least this many points per chunk of a search pass, which goes cell by cell: SG's 768-wide rows would make
+#: chunks of _CHUNK_VALUES 10,922 points. More points per chunk did not make a pass faster with torch's matmuls,
+#: and 2^18 took SG's peak memory from 2.50x to 2.71x the input.
+_SEARCH_ROWS = 1 << 14
+_ADD_VALUES = 1 << 21  # values summed into the centroids at once (their float64 group sums: 16 MiB)
 _TIMING_SAMPLE = 20_000
 _TIMING_WORK = 1e10  # multiply-adds of the flat search that `_nprobe` times, at most (where the sample allows)
-_BLOCK_VALUES = 1 << 22  # scores of one cell's points against its centroids computed at once (16 MiB)  # values summed into the centroids at once (their float64 group sums: 16 MiB)
+_BLOCK_VALUES = 1 << 22  # scores of one cell's points against its centroids, or its points, at once (16 MiB)
+_SLICE_ROWS = 4096  # centroids whose squared lengths are computed at once
 
 
 class TwoLevel(NamedTuple):
@@ -300,13 +301,14 @@ def _search_chunk(faiss, fit: TwoLevel, x: np.ndarray, probes: np.ndarray, secon
     index = np.zeros(len(x), dtype=np.int64)
     width = probes.shape[1]
     books = torch.from_numpy(fit.centroids)
-    lengths = books.square().sum(1)
+    # ||c||² in slices: squaring every centroid at once would hold a second (k, d) array (SG: 0.4x the input)
+    lengths = torch.cat([part.square().sum(1) for part in books.split(_SLICE_ROWS)])
     for j in range(cells):
         lo, hi = int(fit.starts[j]), int(fit.starts[j + 1])
         if lo == hi or bounds[j] == bounds[j + 1]:
             continue
         members = order[bounds[j]:bounds[j + 1]] // width
-        step = max(1, _BLOCK_VALUES // (hi - lo))
+        step = max(1, _BLOCK_VALUES // max(hi - lo, x.shape[1]))  # scores and the points' copy both bounded
         for start in range(0, len(members), step):
             rows = members[start:start + step]
             points = torch.from_numpy(x[rows])  # a copy
