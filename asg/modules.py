@@ -456,7 +456,7 @@ class ASGHead(nn.Module):
     @property
     def approximate(self) -> bool:
         """Score batches of one or two hidden states with 8-bit lookup tables (ASG tables, k <= 1024, on a CPU
-        with AVX-512 VBMI; elsewhere this changes nothing): 1.7x faster than the exact lookups at batch 1
+        with AVX-512 VBMI; elsewhere this changes nothing): 2.8-3.7x faster than the exact lookups at batch 1
         (benchmarks/RESULTS.md). Every logit is within m · step / 2 of eq. 2 (step: the largest segment
         table's range / 255), and the tokens that could be the top one within that bound are scored exactly,
         so greedy decoding picks the same tokens."""
