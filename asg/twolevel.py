@@ -33,7 +33,6 @@ import torch
 #: cells scored per point in refinement and encoding: the nearest few hold the true nearest centroid for almost
 #: every point of high-dimensional data; low-dimensional data search all centroids instead (`_nprobe`).
 NPROBE = 4
-PROBE_SAMPLE = 2_000  # points `_nprobe` times both searches on, at least
 #: The flat search is exact, so it is kept unless probing was this many times faster on the sample (on 16-value
 #: segments the two took 0.04 and 0.06 s: a plain comparison went either way from segment to segment).
 FLAT_PREFERENCE = 2.0
@@ -65,8 +64,8 @@ _CHUNK_VALUES = 1 << 23  # values of the points handled at once: bounds every te
 #: and 2^18 took SG's peak memory from 2.50x to 2.71x the input.
 _SEARCH_ROWS = 1 << 14
 _ADD_VALUES = 1 << 21  # values summed into the centroids at once (their float64 group sums: 16 MiB)
-_TIMING_SAMPLE = 20_000
-_TIMING_WORK = 1e10  # multiply-adds of the flat search that `_nprobe` times, at most (where the sample allows)
+_TIMING_SAMPLE = 20_000  # points `_nprobe` times both searches on
+_TIMING_WORK = 1e10  # multiply-adds of that flat search, at most: beyond, probing is taken untimed
 _BLOCK_VALUES = 1 << 22  # scores of one cell's points against its centroids, or its points, at once (16 MiB)
 _SLICE_ROWS = 4096  # centroids whose squared lengths are computed at once
 
@@ -275,9 +274,13 @@ def _nprobe(faiss, fit: TwoLevel, x: np.ndarray, seed: int) -> int:
     against 2.4 s a pass over 250,112 points); where rows are wide (SG's 768) probing is far cheaper, and more
     probed cells did not lower the error."""
     (num, dim), k = x.shape, len(fit.centroids)
-    # enough points that fixed costs do not decide (faiss searched 4,550 points in 0.14 s, 20,000 in 0.04 s), where
-    # the flat search's work allows
-    size = min(num, max(PROBE_SAMPLE, min(_TIMING_SAMPLE, int(_TIMING_WORK // (k * dim)))))
+    # enough points that fixed costs do not decide (faiss searched 4,550 points in 0.14 s, 20,000 in 0.04 s, and
+    # probing pays a cost per cell that only many points amortise): where a flat search of that many would cost more
+    # than _TIMING_WORK, it is far slower than probing over all the points (SG of Gemma 3's rows: 2,000 points timed
+    # chose it, at about 19 minutes a pass)
+    size = min(num, _TIMING_SAMPLE)
+    if size * k * dim > _TIMING_WORK:
+        return NPROBE
     sample = np.ascontiguousarray(x[np.sort(np.random.default_rng(seed).choice(num, size, replace=False))])
     flat = _seconds(lambda: _search(faiss, fit, sample, False, 0))
     return 0 if flat <= FLAT_PREFERENCE * _seconds(lambda: _search(faiss, fit, sample, False, NPROBE)) else NPROBE

@@ -195,6 +195,10 @@ def test_the_search_is_flat_where_that_was_faster_on_a_sample(monkeypatch):
     assert len(flat_index) == min(20000, twolevel._TIMING_SAMPLE)  # a sample large enough to time
     # the flat search is exact: never farther than the probed one, and nearer for some points (16 values)
     assert (flat_best <= searched[1][1] * (1 + 1e-5) + 1e-6).all() and (flat_best < searched[1][1] - 1e-4).any()
+    # where a flat search of the sample would already be large work, probing is taken without timing anything
+    monkeypatch.setattr(twolevel, "_TIMING_WORK", 1e6)
+    searched.clear()
+    assert twolevel._nprobe(faiss, fit, x, 0) == twolevel.NPROBE and not searched
 
 
 def test_relocation_lowers_the_error_where_cells_are_probed(monkeypatch):
