@@ -150,7 +150,7 @@ def _kmeans(faiss, kmeans_exact, x: np.ndarray, k: int, niter: int, seed: int, w
     fit = fit._replace(nprobe=_nprobe(faiss, fit, x, seed))
     passes = REFINE_ITERS if fit.nprobe else REFINE_ITERS_FLAT
     for _ in range(passes):
-        fit, _ = _lloyd(faiss, fit, x, weights)
+        fit = _lloyd(faiss, fit, x, weights)
         bar.update()
     bar.update(REFINE_ITERS - passes)
     # Relocation moves centroids between cells, which probed Lloyd iterations cannot; where every pass searches all
@@ -159,7 +159,7 @@ def _kmeans(faiss, kmeans_exact, x: np.ndarray, k: int, niter: int, seed: int, w
     while moved and ran < (RELOCATE_ROUNDS if fit.nprobe else 0):
         fit, moved = _relocate(faiss, fit, x, weights, bar)  # here, so that the fit it replaced is freed
         for _ in range(RELOCATE_ITERS - 1 if moved else 0):
-            fit, _ = _lloyd(faiss, fit, x, weights)
+            fit = _lloyd(faiss, fit, x, weights)
             bar.update()
         ran += 1
     bar.update((RELOCATE_ROUNDS - ran) * (2 + RELOCATE_ITERS))  # the rounds not run
@@ -207,7 +207,7 @@ def _relocate(faiss, fit: TwoLevel, x: np.ndarray, weights, bar) -> tuple[TwoLev
     order = np.argsort(cell_of, kind="stable")  # keep centroids grouped by cell
     centroids[:] = centroids[order]
     starts = np.concatenate([[0], np.cumsum(np.bincount(cell_of, minlength=len(fit.coarse)))])
-    moved, _ = _lloyd(faiss, fit._replace(starts=starts), x, weights)  # the moved centroids, updated once
+    moved = _lloyd(faiss, fit._replace(starts=starts), x, weights)  # the moved centroids, updated once
     after = _error(faiss, moved, x, weights)
     bar.update(2)
     if after >= before:
@@ -344,23 +344,20 @@ def _assign_all(faiss, fit: TwoLevel, x: np.ndarray):
     return index, best, second
 
 
-def _lloyd(faiss, fit: TwoLevel, x: np.ndarray, weights) -> tuple[TwoLevel, float]:
-    """One Lloyd iteration with the fit's search (empty clusters keep their centroid), and the
-    (weighted) squared error of the assignment it made, to the centroids it was given."""
+def _lloyd(faiss, fit: TwoLevel, x: np.ndarray, weights) -> TwoLevel:
+    """One Lloyd iteration with the fit's search; empty clusters keep their centroid."""
     k, dim = fit.centroids.shape
     sums = np.zeros((k, dim), dtype=np.float32)  # float32 (as faiss keeps them): it is the largest array here
     mass = np.zeros(k, dtype=np.float64)
-    error = 0.0
     for part in _chunks(x, _SEARCH_ROWS):
-        index, best, _ = _search(faiss, fit, x[part], False)
+        index = _search(faiss, fit, x[part], False)[0]
         w = None if weights is None else weights[part].astype(np.float64)
-        error += float(best.astype(np.float64) @ w) if w is not None else float(best.sum(dtype=np.float64))
         mass += np.bincount(index, weights=w, minlength=k)
         _add_rows(sums, index, x[part], w)
     filled = mass > 0  # the means, in place of the sums: no third (k, d) array (sums[filled] would copy)
     np.divide(sums, mass[:, None].astype(np.float32), out=sums, where=filled[:, None])
     sums[~filled] = fit.centroids[~filled]
-    return fit._replace(centroids=sums), error
+    return fit._replace(centroids=sums)
 
 
 def _add_rows(sums: np.ndarray, index: np.ndarray, rows: np.ndarray, weights: np.ndarray | None) -> None:
