@@ -198,6 +198,29 @@ def test_byte_lookups_check_what_reaches_the_kernel():
 
 
 @needs_bytes
+@pytest.mark.parametrize("where", [(1, 7), (3, 299)])
+def test_byte_lookups_round_a_nan_score_to_a_byte_and_keep_the_other_tokens_within_the_bound(where):
+    # A NaN never reaches a float-to-integer conversion (undefined in C): it rounds to the top byte, and the
+    # tokens that do not pick it keep their bound.
+    gen = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 300, (500, 4), generator=gen).to(torch.int16)
+    codes[:20, where[0]] = where[1]
+    scores = torch.randn(4, 300, generator=gen)
+    scores[where] = float("nan")
+    out, _ = kernels.lut_bytes_top(scores, kernels.byte_codes(codes, 300))
+    exact = scores[torch.arange(4), codes.long()].sum(1)
+    clean = codes[:, where[0]] != where[1]
+    finite = scores.nan_to_num(float(scores[where[0]].nanmean()))
+    step = float((finite.amax(1) - finite.amin(1)).max()) / 255
+    assert int(clean.sum()) < 500 and out[clean].isfinite().all()
+    assert ((out[clean] - exact[clean]).abs() <= 4 * step / 2 * (1 + 1e-3) + 1e-5).all()
+    # NaN where the segment's range starts, and scores all NaN: no finite answer, but every byte stays in range
+    for nan in ((0, 0), (slice(None), slice(None))):
+        scores[nan] = float("nan")
+        assert kernels.lut_bytes_top(scores, kernels.byte_codes(codes, 300))[0].shape == (500,)
+
+
+@needs_bytes
 @pytest.mark.parametrize("norms", [None, "row"])
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("seed", [3, 9, 11])

@@ -348,6 +348,7 @@ int asg_byte_lookups(void) { return 1; }
  * unrolls the loops over chunks and levels and keeps the eight permuted vectors in registers. Each byte picked
  * joins a 16-bit sum of the even or the odd tokens (mask and shift: they spare the port the permutes need), and
  * every 256 segments, before those sums could overflow, they are carried to floats. */
+#define PREFETCH_BLOCKS 2 /* blocks ahead whose codes are fetched while this one is summed (past the end: harmless) */
 static inline __attribute__((always_inline)) void lut_bytes_block(const uint8_t* q, const uint8_t* low,
                                                                   const uint64_t* high, int64_t b, int64_t m,
                                                                   int64_t levels, float step, float offset,
@@ -361,6 +362,7 @@ static inline __attribute__((always_inline)) void lut_bytes_block(const uint8_t*
     for (int64_t i = i0; i < i1; i++) {
       const uint8_t* table = q + i * kp;
       __m512i idx = _mm512_loadu_si512(low + (b * m + i) * 64);
+      _mm_prefetch((const char*)(low + ((b + PREFETCH_BLOCKS) * m + i) * 64), _MM_HINT_T0);
       __m512i r[8];
       for (int64_t h = 0; h < ((int64_t)1 << levels); h++)
         r[h] = _mm512_permutex2var_epi8(_mm512_loadu_si512(table + 128 * h), idx, _mm512_loadu_si512(table + 128 * h + 64));
@@ -446,6 +448,35 @@ static inline int64_t byte_code(const uint8_t* low, const uint64_t* high, int64_
   return code;
 }
 
+/* The smallest and the largest of s[0..k-1] (k >= 1), 16 at a time; a NaN is passed over as the scalar
+ * comparisons `s[j] < lo ? s[j] : lo` would (min/max return their second operand, the running value, then). */
+static inline void segment_range(const float* s, int64_t k, float* lo, float* hi) {
+  __m512 low = _mm512_set1_ps(s[0]), high = low;
+  for (int64_t j = 0; j < k; j += 16) {
+    __mmask16 valid = j + 16 <= k ? (__mmask16)0xFFFF : (__mmask16)((1u << (k - j)) - 1);
+    __m512 v = _mm512_mask_loadu_ps(low, valid, s + j);  /* lanes past k: the first value, which changes nothing */
+    low = _mm512_min_ps(v, low);
+    v = _mm512_mask_loadu_ps(high, valid, s + j);
+    high = _mm512_max_ps(v, high);
+  }
+  *lo = _mm512_reduce_min_ps(low);
+  *hi = _mm512_reduce_max_ps(high);
+}
+
+/* row[j] = (s[j] - lo) / step rounded to the nearest integer in 0..255, for j < k, 16 at a time: the same bytes
+ * as the scalar (s - lo) / step + 0.5 clamped to 255 (also a NaN: min returns its second operand) then to 0 and
+ * truncated. */
+static inline void round_segment(const float* s, int64_t k, float lo, float step, uint8_t* row) {
+  const __m512 los = _mm512_set1_ps(lo), steps = _mm512_set1_ps(step), half = _mm512_set1_ps(0.5f);
+  const __m512 top = _mm512_set1_ps(255.f), zero = _mm512_setzero_ps();
+  for (int64_t j = 0; j < k; j += 16) {
+    __mmask16 valid = j + 16 <= k ? (__mmask16)0xFFFF : (__mmask16)((1u << (k - j)) - 1);
+    __m512 v = _mm512_add_ps(_mm512_div_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, s + j), los), steps), half);
+    v = _mm512_max_ps(_mm512_min_ps(v, top), zero);
+    _mm512_mask_cvtepi32_storeu_epi8(row + j, valid, _mm512_cvttps_epi32(v));
+  }
+}
+
 /* Eq. 2 for one hidden state with the top exact: scores (m, k) float are its per-segment lookup tables, the
  * codes (k <= 128 << levels, every code < k) are in the layout above, scale (vocab; NULL for none) the row scale.
  * 1. Round the tables to bytes with one step for all segments, (score - segment minimum) / step to the nearest
@@ -464,9 +495,8 @@ int64_t asg_lut_bytes_top(const float* scores, int64_t k, const uint8_t* low, co
   if (!lows) return -1;
   double offset = 0., spread = 0., lows_abs = 0.;
   for (int64_t i = 0; i < m; i++) {
-    const float* s = scores + i * k;
-    float lo = s[0], hi = s[0];
-    for (int64_t j = 1; j < k; j++) { lo = s[j] < lo ? s[j] : lo; hi = s[j] > hi ? s[j] : hi; }
+    float lo, hi;
+    segment_range(scores + i * k, k, &lo, &hi);
     lows[i] = lo;
     offset += lo;
     lows_abs += lo < 0.f ? -lo : lo;
@@ -474,14 +504,8 @@ int64_t asg_lut_bytes_top(const float* scores, int64_t k, const uint8_t* low, co
   }
   const float step = spread > 0. ? (float)(spread / 255.) : 1.f;
   for (int64_t i = 0; i < m; i++) {
-    const float* s = scores + i * k;
-    uint8_t* row = q + i * kp;
-    for (int64_t j = 0; j < k; j++) {
-      float v = (s[j] - lows[i]) / step + 0.5f;
-      v = v < 255.f ? v : 255.f;  /* also NaN, which a conversion would not survive */
-      row[j] = (uint8_t)(v > 0.f ? v : 0.f);
-    }
-    memset(row + k, 0, (size_t)(kp - k));
+    round_segment(scores + i * k, k, lows[i], step, q + i * kp);
+    memset(q + i * kp + k, 0, (size_t)(kp - k));
   }
   free(lows);
   const float bound = (float)(m * (double)step / 2 * (1 + 1e-4) + 1e-5 * (lows_abs + 255. * m * step));
