@@ -16,6 +16,12 @@ RESULTS.md used Gemma 3 270M's input table (262,144 × 640, its first 512 column
 np.save('gemma.npy', L.load_model(g.assemble()).get_input_embeddings().weight.detach().float().numpy())"
     python benchmarks/bench_large_k.py --table gemma.npy
 
+A smaller table is used whole (SG's k is then 40% of its rows), and `--compare-rows` sets the rows of the
+exact comparison: all of them, for a table small enough that exact k-means finishes (all-MiniLM-L6-v2's
+30,522 × 384, the default model's table, saved the same way from `asg.loading.default_model_path()`):
+
+    python benchmarks/bench_large_k.py --table minilm.npy --cases sg --compare-rows 30522
+
 Every measurement runs in its own process, so that its peak memory is its own: the resident high-water
 mark from just before the fit, with the table already read (Linux; elsewhere the process's whole peak).
 
@@ -70,8 +76,8 @@ def table(path: str | None, rows: int, columns: int, normalise: bool) -> np.ndar
 def run_one(case: str, rows: int | None, kmeans: str, args) -> dict:
     """Fit one case in this process: seconds, peak memory over the input, relative error."""
     full_rows, columns, k, m, codebook, normalise = CASES[case]
-    rows = rows or full_rows
-    x = table(args.table, rows, columns, normalise)
+    x = table(args.table, rows or full_rows, columns, normalise)
+    rows = len(x)  # fewer than asked where the table is smaller
     k = k or round(SG_RATIO * rows)
     if args.device != "cpu":
         return run_one_gpu(case, x, k, m, codebook, args)
@@ -150,6 +156,9 @@ def main() -> None:
     parser.add_argument("--json", help="also write the full-size results to this JSON file")
     parser.add_argument("--exact", help="a --json file of a --device cuda run: compare this run's fits with its exact ones")
     parser.add_argument("--no-subsample", action="store_true", help="skip exact against two-level on row subsamples")
+    parser.add_argument("--compare-rows", type=int, default=0,
+                        help="rows of the exact/two-level comparison instead of each case's subsample (the whole of "
+                             "a smaller --table: exact k-means at its full size)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--one-rows", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--one-kmeans", default="auto", help=argparse.SUPPRESS)
@@ -163,6 +172,7 @@ def main() -> None:
         full.append(spawn(case, None, "auto", args))
         if case in COMPARE and args.device == "cpu" and not args.no_subsample:
             other, rows = COMPARE[case]
+            rows = args.compare_rows or rows
             compared.append((spawn(other, rows, "exact", args), spawn(other, rows, "two-level", args)))
 
     if args.json:
