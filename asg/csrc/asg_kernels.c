@@ -405,6 +405,11 @@ void asg_lut_bytes(const uint8_t* q, const uint8_t* low, const uint64_t* high, i
   for (int64_t b = 0; b < blocks; b++) sum_block(q, low, high, b, m, levels, step, offset, out);
 }
 
+/* The lanes of the 16 values from index `start` that lie before `end`. */
+static inline __mmask16 lanes_before(int64_t start, int64_t end) {
+  return start + 16 <= end ? (__mmask16)0xFFFF : start >= end ? 0 : (__mmask16)((1u << (end - start)) - 1);
+}
+
 #define NEAR_MAX 65536 /* candidates for exact scoring a thread keeps */
 /* Scales block b's scores (scale NULL: none), raises *mine to their largest less its bound where higher, and lists
  * in near those whose score plus bound reaches *mine (counting all, listing while NEAR_MAX allows). */
@@ -416,7 +421,7 @@ static inline void list_near(float* out, const float* scale, int64_t b, int64_t 
   __m512 top = _mm512_set1_ps(-FLT_MAX);
   for (int v = 0; v < 4; v++) {
     int64_t t0 = b * 64 + 16 * v;
-    valid[v] = t0 + 16 <= vocab ? (__mmask16)0xFFFF : t0 >= vocab ? 0 : (__mmask16)((1u << (vocab - t0)) - 1);
+    valid[v] = lanes_before(t0, vocab);
     x[v] = _mm512_loadu_ps(out + t0);
     margin[v] = bounds;
     if (scale) {
@@ -453,7 +458,7 @@ static inline int64_t byte_code(const uint8_t* low, const uint64_t* high, int64_
 static inline void segment_range(const float* s, int64_t k, float* lo, float* hi) {
   __m512 low = _mm512_set1_ps(s[0]), high = low;
   for (int64_t j = 0; j < k; j += 16) {
-    __mmask16 valid = j + 16 <= k ? (__mmask16)0xFFFF : (__mmask16)((1u << (k - j)) - 1);
+    __mmask16 valid = lanes_before(j, k);
     __m512 v = _mm512_mask_loadu_ps(low, valid, s + j);  /* lanes past k: the first value, which changes nothing */
     low = _mm512_min_ps(v, low);
     v = _mm512_mask_loadu_ps(high, valid, s + j);
@@ -470,7 +475,7 @@ static inline void round_segment(const float* s, int64_t k, float lo, float step
   const __m512 los = _mm512_set1_ps(lo), steps = _mm512_set1_ps(step), half = _mm512_set1_ps(0.5f);
   const __m512 top = _mm512_set1_ps(255.f), zero = _mm512_setzero_ps();
   for (int64_t j = 0; j < k; j += 16) {
-    __mmask16 valid = j + 16 <= k ? (__mmask16)0xFFFF : (__mmask16)((1u << (k - j)) - 1);
+    __mmask16 valid = lanes_before(j, k);
     __m512 v = _mm512_add_ps(_mm512_div_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, s + j), los), steps), half);
     v = _mm512_max_ps(_mm512_min_ps(v, top), zero);
     _mm512_mask_cvtepi32_storeu_epi8(row + j, valid, _mm512_cvttps_epi32(v));
