@@ -458,11 +458,10 @@ static inline int64_t byte_code(const uint8_t* low, const uint64_t* high, int64_
 static inline void segment_range(const float* s, int64_t k, float* lo, float* hi) {
   __m512 low = _mm512_set1_ps(s[0]), high = low;
   for (int64_t j = 0; j < k; j += 16) {
-    __mmask16 valid = lanes_before(j, k);
-    __m512 v = _mm512_mask_loadu_ps(low, valid, s + j);  /* lanes past k: the first value, which changes nothing */
-    low = _mm512_min_ps(v, low);
-    v = _mm512_mask_loadu_ps(high, valid, s + j);
-    high = _mm512_max_ps(v, high);
+    __mmask16 valid = lanes_before(j, k);  /* lanes past k keep their running value */
+    __m512 v = _mm512_maskz_loadu_ps(valid, s + j);
+    low = _mm512_mask_min_ps(low, valid, v, low);
+    high = _mm512_mask_max_ps(high, valid, v, high);
   }
   *lo = _mm512_reduce_min_ps(low);
   *hi = _mm512_reduce_max_ps(high);
