@@ -229,7 +229,9 @@ def _fit_codebook(faiss, x: np.ndarray, k: int, niter: int, seed: int, weights, 
     (`fast`), low-dimensional (`small`, `asg.lowdim`) or faiss's exact k-means."""
     if fast:
         fit = twolevel.kmeans(faiss, _faiss_kmeans, x, k, niter, seed, weights, bar)
-        return _Assign(fit.centroids, lambda points: twolevel.assign(faiss, fit, points))
+        # the training points are scored against the candidates the fit kept for them, others by the fit's search
+        return _Assign(fit.centroids, lambda points: twolevel.training_codes(faiss, fit, points) if points is x
+                       else twolevel.assign(faiss, fit, points))
     if small:
         centroids, codes = lowdim.kmeans(x, k, niter, seed, weights, bar)
         # the training points' codes come with the fit: encoding them again would repeat its last pass

@@ -7,17 +7,20 @@ twice at small k instead:
 1. coarse: `c ≈ √k` cells by exact k-means on the training points;
 2. fine: inside each cell, exact k-means with the cell's share of the k centroids (by mass × spread^p, p
    chosen by a pilot fit on a tenth of the points);
-3. refinement: Lloyd iterations over all cells at once, where each point is scored only against the
-   centroids of its `nprobe` nearest cells (an inverted-file search done as one matmul per cell), so that
-   points near a cell border can move to the centroid that is really nearest;
+3. refinement: Lloyd iterations over all cells at once. Where cells are probed (wide rows), one wide search
+   first keeps each point's `CANDIDATES` nearest centroids among its `WIDE_NPROBE` nearest cells (an
+   inverted-file search done as one matmul per cell), and every later pass scores each point against its
+   candidates only, so that points near a cell border can move to the centroid that is really nearest at a
+   small cost per pass;
 4. relocation: the fine fits fix how many centroids each cell gets, and Lloyd iterations cannot move a
    centroid far, so centroids whose removal costs least move to split the clusters that gain most, up to a
    tenth of k per round, each round kept only where it lowered the error and followed by Lloyd iterations.
    It runs where points probe cells; where one flat search of all centroids is no slower (low-dimensional
    segments, measured per fit), refinement uses that and is exact Lloyd iteration.
 
-Cost per iteration O(points · (c + nprobe · k/c) · d) instead of O(points · k · d). `assign` encodes
-points with the fit's own search. What the approximation costs against exact k-means is
+Cost per iteration O(points · CANDIDATES · d) (or O(points · (c + nprobe · k/c) · d) for points
+not trained on) instead of O(points · k · d). `training_codes` encodes the training points with their
+candidates, `assign` other points with the fit's own search. What the approximation costs against exact k-means is
 measured in `benchmarks/bench_large_k.py`; `pq.fit` uses this module where that benchmark showed it
 pays (see `pq.TWO_LEVEL_MIN_WORK`).
 """
@@ -30,9 +33,16 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 import torch
 
-#: cells scored per point in refinement and encoding: the nearest few hold the true nearest centroid for almost
+#: cells scored per point in encoding points not trained on: the nearest few hold the true nearest centroid for almost
 #: every point of high-dimensional data; low-dimensional data search all centroids instead (`_nprobe`).
 NPROBE = 4
+#: Where cells are probed, the training points' candidates: the `CANDIDATES` nearest centroids among the `WIDE_NPROBE`
+#: nearest cells, found once after the fine fits. On Gemma 3's first 25,000 rows (SG: 10,000 centroids in 100 cells)
+#: probing 8, 16 and 32 cells ended about +0.9%, +0.15% and -0.52% in error against exact k-means (scoring the 4
+#: nearest cells at every pass, as before: +1.74%); 32 candidates in place of 16 changed nothing. 32 cells took SG of
+#: 250,002 x 768 random rows from 312 to 515 s (no error change there), so 16.
+WIDE_NPROBE = 16
+CANDIDATES = 16
 #: The flat search is exact, so it is kept unless probing was this many times faster on the sample (on 16-value
 #: segments the two took 0.04 and 0.06 s: a plain comparison went either way from segment to segment).
 FLAT_PREFERENCE = 2.0
@@ -50,11 +60,12 @@ _PILOT_WORK = PILOT_FRACTION ** 1.5  # a pilot's work against the fit's: a tenth
 #: Another candidate replaces the first only where it lowers the pilot's squared error by more than this:
 #: where p made no difference at full size the pilots differed by 0.01-0.11%; on SG of Gemma's rows, 1.6-2.0%.
 PILOT_MARGIN = 0.005
-#: Relocation rounds after the refinement (`_relocate`), the share of k a round may move, and the Lloyd
-#: iterations after each round's moves. On 10,000 of Gemma 3's normalised rows into 4,000 (SG's regime:
-#: 2.5 points a centroid), with cells probed, two rounds took the error from 1.9% above exact k-means to 0.2%
-#: below it (benchmarks/RESULTS.md); on isotropic random rows no move pays.
-RELOCATE_ROUNDS = 2
+#: Relocation rounds after the refinement (`_relocate`; they stop at the first that does not pay), the share of k a
+#: round may move, and the Lloyd iterations after each round's moves. On 10,000 of Gemma 3's normalised rows into
+#: 4,000 (SG's regime: 2.5 points a centroid), with cells probed, two rounds took the error from 1.9% above exact
+#: k-means to 0.2% below it (benchmarks/RESULTS.md); with candidates (cheap passes) on 25,000 rows, the third to sixth
+#: rounds lowered the squared error by another 0.5%. On isotropic random rows no move pays.
+RELOCATE_ROUNDS = 6
 RELOCATE_SHARE = 0.1
 RELOCATE_ITERS = 3
 _CHUNK_VALUES = 1 << 23  # values of the points handled at once: bounds every temporary (32 MiB of float32; the
@@ -63,23 +74,27 @@ _CHUNK_VALUES = 1 << 23  # values of the points handled at once: bounds every te
 #: chunks of _CHUNK_VALUES 10,922 points. More points per chunk did not make a pass faster with torch's matmuls,
 #: and 2^18 took SG's peak memory from 2.50x to 2.71x the input.
 _SEARCH_ROWS = 1 << 14
-_ADD_VALUES = 1 << 21  # values summed into the centroids at once (their float64 group sums: 16 MiB)
+_ADD_VALUES = 1 << 19  # values summed into the centroids at once (their float64 group sums: 4 MiB; 16 MiB took
+# SG's peak over 2.5x the input once the candidates were kept)
 _TIMING_SAMPLE = 20_000  # points `_nprobe` times both searches on
 _TIMING_WORK = 1e10  # multiply-adds of that flat search, at most: beyond, probing is taken untimed
 _BLOCK_VALUES = 1 << 22  # scores of one cell's points against its centroids, or its points, at once (16 MiB)
 _SLICE_ROWS = 4096  # centroids whose squared lengths are computed at once
+_GATHER_VALUES = 1 << 20  # values of the candidates gathered for scoring at once (4 MiB, and as much for their squares)
 
 
 class TwoLevel(NamedTuple):
     """Fine centroids (k, d) grouped by cell, the coarse centroids (c, d), where each cell's fine centroids
-    start (c + 1,) in `centroids`, the exponent p of the allocation weight mass · spread^p it used, and the
-    cells each point is scored against (`nprobe`; 0: every centroid, one flat search)."""
+    start (c + 1,) in `centroids`, the exponent p of the allocation weight mass · spread^p it used, the
+    cells each point not trained on is scored against (`nprobe`; 0: every centroid, one flat search), and
+    where cells are probed, the centroids each training point is scored against (N, CANDIDATES) int32."""
 
     centroids: np.ndarray
     coarse: np.ndarray
     starts: np.ndarray
     spread_power: float = SPREAD_POWERS[0]
     nprobe: int = NPROBE
+    candidates: np.ndarray | None = None
 
 
 def kmeans(faiss, kmeans_exact, x: np.ndarray, k: int, niter: int, seed: int, weights, bar) -> TwoLevel:
@@ -108,7 +123,7 @@ def spread_power(faiss, kmeans_exact, x: np.ndarray, k: int, niter: int, seed: i
     errors = []
     for power in SPREAD_POWERS:
         fit = _kmeans(faiss, kmeans_exact, sample, pilot_k, niter, seed, w, bar or _Scaled(None, 0), power)
-        squared = _squared_distances(sample, fit.centroids, assign(faiss, fit, sample))
+        squared = _squared_distances(sample, fit.centroids, training_codes(faiss, fit, sample))
         errors.append(float(squared @ w) if w is not None else float(squared.sum()))
     best = int(np.argmin(errors))
     return SPREAD_POWERS[best] if errors[best] < (1 - PILOT_MARGIN) * errors[0] else SPREAD_POWERS[0]
@@ -148,6 +163,9 @@ def _kmeans(faiss, kmeans_exact, x: np.ndarray, k: int, niter: int, seed: int, w
     del order, bounds, cell  # every array of the size of x counts in the peak
     fit = TwoLevel(centroids, coarse, starts, power)
     fit = fit._replace(nprobe=_nprobe(faiss, fit, x, seed))
+    if fit.nprobe:
+        fit = fit._replace(candidates=_candidates(faiss, fit, x))
+    bar.update()
     passes = REFINE_ITERS if fit.nprobe else REFINE_ITERS_FLAT
     for _ in range(passes):
         fit = _lloyd(faiss, fit, x, weights)
@@ -186,7 +204,7 @@ def _relocate(faiss, fit: TwoLevel, x: np.ndarray, weights, bar) -> tuple[TwoLev
     points = np.full(k, -1, dtype=np.int64)
     at_far = np.flatnonzero((best * w == farthest[index]) & (members[index] >= 2))
     points[index[at_far]] = at_far
-    del index, best, second
+    del best, second
     bar.update()
     count = int(RELOCATE_SHARE * k)
     cheap = np.argsort(cost, kind="stable")[:count]
@@ -197,6 +215,16 @@ def _relocate(faiss, fit: TwoLevel, x: np.ndarray, weights, bar) -> tuple[TwoLev
     if not pairs:
         bar.update(RELOCATE_ITERS + 1)
         return fit, False
+    if fit.candidates is not None:
+        # a moved centroid becomes a candidate of the points of the cluster it splits, in place of the last (the
+        # farthest when the candidates were found; the one before it where the last is the point's own)
+        target = np.full(k, -1, dtype=np.int64)
+        target[[r for _, r in pairs]] = [j for j, _ in pairs]
+        joining = np.flatnonzero(target[index] >= 0)
+        slot = np.where(fit.candidates[joining, -1] == index[joining], fit.candidates.shape[1] - 2, -1)
+        replaced = fit.candidates[joining, slot]
+        fit.candidates[joining, slot] = target[index[joining]]
+    del index
     # the centroids change in place (restored where the round does not pay): a copy of SG's 100,001 x 768 would
     # take the peak over 2.5x the input
     centroids, leaving = fit.centroids, np.array([j for j, _ in pairs])
@@ -206,6 +234,7 @@ def _relocate(faiss, fit: TwoLevel, x: np.ndarray, weights, bar) -> tuple[TwoLev
         centroids[j], cell_of[j] = x[points[r]], cell_of[r]
     order = np.argsort(cell_of, kind="stable")  # keep centroids grouped by cell
     centroids[:] = centroids[order]
+    _renumber(fit.candidates, np.argsort(order))
     starts = np.concatenate([[0], np.cumsum(np.bincount(cell_of, minlength=len(fit.coarse)))])
     moved = _lloyd(faiss, fit._replace(starts=starts), x, weights)  # the moved centroids, updated once
     after = _error(faiss, moved, x, weights)
@@ -214,28 +243,41 @@ def _relocate(faiss, fit: TwoLevel, x: np.ndarray, weights, bar) -> tuple[TwoLev
         del moved
         centroids[order] = centroids.copy()
         centroids[leaving] = old
+        _renumber(fit.candidates, order)
+        if fit.candidates is not None:
+            fit.candidates[joining, slot] = replaced
         bar.update(RELOCATE_ITERS - 1)
         return fit, False
     return moved, True
+
+
+def _renumber(candidates: np.ndarray | None, new: np.ndarray) -> None:
+    """Candidates (where there are any) of centroids that moved from place i to `new[i]`, in place, a chunk at a
+    time (a renumbered copy of all would count in the peak)."""
+    if candidates is None:
+        return
+    new = new.astype(candidates.dtype)
+    for part in _chunks(candidates):
+        candidates[part] = new[candidates[part]]
 
 
 def _error(faiss, fit: TwoLevel, x: np.ndarray, weights) -> float:
     """The (weighted) squared error of assigning `x` to the fit's centroids."""
     error = 0.0
     for part in _chunks(x, _SEARCH_ROWS):
-        best = _search(faiss, fit, x[part], False)[1].astype(np.float64)
+        best = _search_training(faiss, fit, x, part, False)[1].astype(np.float64)
         error += float(best @ weights[part]) if weights is not None else float(best.sum())
     return error
 
 
 def units(niter: int) -> float:
-    """Progress-bar steps of one two-level fit: the pilot fits, the coarse and the fine iterations, then the
-    refinement and the relocation rounds."""
+    """Progress-bar steps of one two-level fit: the pilot fits, the coarse and the fine iterations, the
+    candidates' search, then the refinement and the relocation rounds."""
     return _pilot_units(niter) + _fit_units(niter)
 
 
 def _fit_units(niter: int) -> float:
-    return 2 * niter + REFINE_ITERS + RELOCATE_ROUNDS * (2 + RELOCATE_ITERS)
+    return 2 * niter + 1 + REFINE_ITERS + RELOCATE_ROUNDS * (2 + RELOCATE_ITERS)  # 1: the candidates' search
 
 
 def _pilot_units(niter: int) -> float:
@@ -248,6 +290,87 @@ def assign(faiss, fit: TwoLevel, x: np.ndarray, nprobe: int | None = None) -> np
     out = np.empty(len(x), dtype=np.int64)
     for part in _chunks(x, _SEARCH_ROWS):
         out[part] = _search(faiss, fit, x[part], False, nprobe)[0]
+    return out
+
+
+def training_codes(faiss, fit: TwoLevel, x: np.ndarray) -> np.ndarray:
+    """Index (N,) int64 of the nearest fine centroid of every point of `x`, the points the fit was trained on:
+    among each point's candidates where the fit kept them, else as `assign`."""
+    out = np.empty(len(x), dtype=np.int64)
+    for part in _chunks(x, _SEARCH_ROWS):
+        out[part] = _search_training(faiss, fit, x, part, False)[0]
+    return out
+
+
+def _search_training(faiss, fit: TwoLevel, x: np.ndarray, part: slice, second: bool):
+    """`_search` of the training points `x[part]`: among their candidates where the fit kept them."""
+    if fit.candidates is None:
+        return _search(faiss, fit, x[part], second)
+    return _search_candidates(fit.centroids, x[part], fit.candidates[part], second)
+
+
+def _search_candidates(centroids: np.ndarray, x: np.ndarray, candidates: np.ndarray, second: bool):
+    """`_search_chunk`'s results, among each point's candidates (N, C): the centroids are gathered and scored a
+    block of `_GATHER_VALUES` of their values at a time."""
+    count = candidates.shape[1]
+    index = np.empty(len(x), dtype=np.int64)
+    best = np.empty(len(x), dtype=np.float32)
+    runner_up = np.empty(len(x), dtype=np.float32) if second else None
+    books = torch.from_numpy(centroids)
+    step = max(1, _GATHER_VALUES // (count * x.shape[1]))
+    for start in range(0, len(x), step):
+        rows = slice(start, start + step)
+        points = torch.from_numpy(x[rows])
+        picked = torch.from_numpy(candidates[rows]).long()
+        gathered = books[picked]  # (n, C, d)
+        scores = torch.bmm(gathered, points[:, :, None])[:, :, 0].mul_(-2).add_(gathered.square().sum(2))
+        if second and count > 1:  # a candidate repeated (where the cells held too few) is not a second centroid
+            ranked, place = picked.sort(1)
+            repeat = torch.zeros_like(ranked, dtype=torch.bool)
+            repeat[:, 1:] = ranked[:, 1:] == ranked[:, :-1]
+            scores.masked_fill_(torch.zeros_like(repeat).scatter_(1, place, repeat), np.inf)
+        dist, at = scores.topk(2 if second and count > 1 else 1, dim=1, largest=False)
+        dist = (dist + points.square().sum(1, keepdim=True)).clamp_min_(0).numpy()
+        index[rows] = picked.gather(1, at[:, :1])[:, 0].numpy()
+        best[rows] = dist[:, 0]
+        if second:
+            runner_up[rows] = dist[:, 1] if dist.shape[1] > 1 else np.inf
+    return index, best, runner_up
+
+
+def _candidates(faiss, fit: TwoLevel, x: np.ndarray) -> np.ndarray:
+    """The `CANDIDATES` nearest fine centroids (N, CANDIDATES) int32 of every point of `x` among those of its
+    `WIDE_NPROBE` nearest cells (fewer where the cells hold fewer: the nearest repeats), nearest first."""
+    count = min(CANDIDATES, len(fit.centroids))
+    out = np.empty((len(x), count), dtype=np.int32)
+    books = torch.from_numpy(fit.centroids)
+    lengths = torch.cat([part.square().sum(1) for part in books.split(_SLICE_ROWS)])
+    cells = len(fit.coarse)
+    for part in _chunks(x, _SEARCH_ROWS):
+        points = x[part]
+        probes = _nearest(faiss, fit.coarse, points, min(WIDE_NPROBE, cells))
+        flat = probes.ravel()
+        order = np.argsort(flat, kind="stable")
+        bounds = np.searchsorted(flat[order], np.arange(cells + 1))
+        near = torch.full((len(points), count), np.inf)  # the running nearest scores, ||c||² - 2 x·c
+        index = torch.zeros((len(points), count), dtype=torch.int64)
+        for j in range(cells):
+            lo, hi = int(fit.starts[j]), int(fit.starts[j + 1])
+            if lo == hi or bounds[j] == bounds[j + 1]:
+                continue
+            members = order[bounds[j]:bounds[j + 1]] // probes.shape[1]
+            step = max(1, _BLOCK_VALUES // max(hi - lo, x.shape[1]))
+            for start in range(0, len(members), step):
+                rows = torch.from_numpy(members[start:start + step])
+                scores = torch.addmm(lengths[lo:hi], torch.from_numpy(points[rows.numpy()]), books[lo:hi].T, alpha=-2)
+                dist, idx = scores.topk(min(count, hi - lo), dim=1, largest=False)
+                merged, at = torch.cat([near[rows], dist], 1).topk(count, dim=1, largest=False)
+                near[rows] = merged
+                index[rows] = torch.cat([index[rows], idx + lo], 1).gather(1, at)
+        # where the probed cells held fewer than `count` centroids, the nearest fills the empty places
+        empty = torch.isinf(near)
+        index = torch.where(empty, index[:, :1], index)
+        out[part] = index.numpy()
     return out
 
 
@@ -340,7 +463,7 @@ def _assign_all(faiss, fit: TwoLevel, x: np.ndarray):
     index = np.empty(len(x), dtype=np.int64)
     best, second = np.empty(len(x), dtype=np.float64), np.empty(len(x), dtype=np.float64)
     for part in _chunks(x, _SEARCH_ROWS):
-        index[part], best[part], second[part] = _search(faiss, fit, x[part], True)
+        index[part], best[part], second[part] = _search_training(faiss, fit, x, part, True)
     return index, best, second
 
 
@@ -350,7 +473,7 @@ def _lloyd(faiss, fit: TwoLevel, x: np.ndarray, weights) -> TwoLevel:
     sums = np.zeros((k, dim), dtype=np.float32)  # float32 (as faiss keeps them): it is the largest array here
     mass = np.zeros(k, dtype=np.float64)
     for part in _chunks(x, _SEARCH_ROWS):
-        index = _search(faiss, fit, x[part], False)[0]
+        index = _search_training(faiss, fit, x, part, False)[0]
         w = None if weights is None else weights[part].astype(np.float64)
         mass += np.bincount(index, weights=w, minlength=k)
         _add_rows(sums, index, x[part], w)

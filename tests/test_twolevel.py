@@ -213,5 +213,75 @@ def test_relocation_lowers_the_error_where_cells_are_probed(monkeypatch):
         fit = twolevel.kmeans(faiss, pq._faiss_kmeans, x, 2400, 10, 0, None, bar)
         assert bar.n == pytest.approx(twolevel.units(10))
         assert fit.starts[-1] == 2400 and (np.diff(fit.starts) >= 0).all() and np.isfinite(fit.centroids).all()
-        errors.append(_error(x, fit.centroids, twolevel.assign(faiss, fit, x)))
+        errors.append(_error(x, fit.centroids, twolevel.training_codes(faiss, fit, x)))
     assert errors[1] < 0.98 * errors[0], errors
+
+
+def test_candidates_are_the_nearest_centroids_of_the_probed_cells(monkeypatch):
+    x = _clustered(num=3000, dim=16, seed=5)
+    fit = twolevel.kmeans(faiss, pq._faiss_kmeans, x, 300, 5, 0, None, _Bar())
+    squared = ((x[:, None, :] - fit.centroids[None]) ** 2).sum(-1)
+    order = np.argsort(squared, 1)
+    # every cell probed: the candidates are the exact nearest, nearest first, and the search among them exact
+    monkeypatch.setattr(twolevel, "WIDE_NPROBE", len(fit.coarse))
+    candidates = twolevel._candidates(faiss, fit, x)
+    assert candidates.shape == (len(x), twolevel.CANDIDATES) and candidates.dtype == np.int32
+    near = np.take_along_axis(squared, candidates.astype(np.int64), 1)
+    want = np.take_along_axis(squared, order[:, :twolevel.CANDIDATES], 1)
+    np.testing.assert_allclose(near, want, rtol=1e-4, atol=1e-4)
+    index, best, second = twolevel._search_candidates(fit.centroids, x, candidates, True)
+    np.testing.assert_allclose(best, want[:, 0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(second, want[:, 1], rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(twolevel.training_codes(faiss, fit._replace(candidates=candidates), x), index)
+    # one cell probed: the candidates lie in the point's nearest cell, and where it holds fewer centroids than
+    # candidates, its nearest repeats and is not counted as a second centroid
+    monkeypatch.setattr(twolevel, "WIDE_NPROBE", 1)
+    candidates = twolevel._candidates(faiss, fit, x)
+    cell = twolevel._cells(faiss, fit.coarse, x)
+    lo, hi = fit.starts[cell], fit.starts[cell + 1]
+    assert ((candidates >= lo[:, None]) & (candidates < hi[:, None])).all()
+    fewer = hi - lo < twolevel.CANDIDATES
+    assert fewer.any() and all(len(set(candidates[i])) == hi[i] - lo[i] for i in np.flatnonzero(fewer))
+    index, best, second = twolevel._search_candidates(fit.centroids, x, candidates, True)
+    assert np.isfinite(second).all()
+    repeated = np.repeat(index[:, None], 3, 1).astype(np.int32)  # one centroid, three times: no second
+    again, alone, none = twolevel._search_candidates(fit.centroids, x, repeated, True)
+    np.testing.assert_array_equal(again, index)
+    np.testing.assert_array_equal(alone, best)
+    assert np.isinf(none).all()
+    own = np.where(np.arange(300)[None] >= lo[:, None], squared, np.inf)
+    own = np.where(np.arange(300)[None] < hi[:, None], own, np.inf)
+    np.testing.assert_allclose(best, own.min(1), rtol=1e-4, atol=1e-4)
+
+
+def test_relocation_keeps_candidates_numbered_with_their_centroids(monkeypatch):
+    x = _clustered(num=6000, dim=64, centers=300, seed=7)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    monkeypatch.setattr(twolevel, "_nprobe", lambda *args: twolevel.NPROBE)
+    monkeypatch.setattr(twolevel, "RELOCATE_ROUNDS", 0)
+    fit = twolevel.kmeans(faiss, pq._faiss_kmeans, x, 2400, 10, 0, None, _Bar())
+    assert fit.candidates is not None
+    centroids, candidates = fit.centroids.copy(), fit.candidates.copy()
+    before = centroids[candidates]  # each point's candidates' vectors, whatever their numbers
+    # a round whose moves are kept as they are made (no Lloyd iteration after them)
+    monkeypatch.setattr(twolevel, "_lloyd", lambda faiss, fit, x, weights: fit._replace(centroids=fit.centroids))
+    monkeypatch.setattr(twolevel, "_error", lambda *args: -np.inf)
+    moved, did = twolevel._relocate(faiss, fit, x, None, _Bar())
+    assert did and moved.starts[-1] == 2400 and (np.diff(moved.starts) >= 0).all()
+    kept = {row.tobytes() for row in moved.centroids}
+    left = np.array([row.tobytes() not in kept for row in centroids])  # the centroids that moved elsewhere
+    assert 0 < left.sum() <= twolevel.RELOCATE_SHARE * 2400
+    # renumbered with their centroids: a point's candidate changes only where it moved elsewhere, or in the one
+    # place given to a centroid that moved to the point's own cluster
+    changed = (moved.centroids[moved.candidates] != before).any(2)
+    added = changed & ~left[candidates]
+    assert added.sum(1).max() == 1 and 0 < added.any(1).sum() < len(x)
+    rows = {row.tobytes() for row in x}
+    assert all(row.tobytes() in rows for row in moved.centroids[moved.candidates[added]])  # placed at a point
+    # a round that does not pay restores the fit it was given, centroids and candidates
+    fit = fit._replace(centroids=centroids.copy(), candidates=candidates.copy())
+    monkeypatch.setattr(twolevel, "_error", lambda *args: np.inf)
+    same, did = twolevel._relocate(faiss, fit, x, None, _Bar())
+    assert not did and same is fit
+    np.testing.assert_array_equal(fit.centroids, centroids)
+    np.testing.assert_array_equal(fit.candidates, candidates)
