@@ -93,6 +93,12 @@ def compress(
     dtype: Optional[str] = typer.Option(
         None, "--dtype", help="ASG: store the codebooks (and norms) as float32, bfloat16 or float16; the fitted values "
                               "are rounded to it. Default: the model's own precision."),
+    keep: Optional[int] = typer.Option(
+        None, "--keep", help="ASG: keep the rows of the N tokens most frequent in text apart from the concepts, in "
+                             "int8 (about D + 6 bytes and D + 1 parameters each, counted in --budget)."),
+    keep_by: Optional[str] = typer.Option(
+        None, "--keep-by", help="ASG: how --keep ranks tokens: wordfreq (default), wordfreq:LANG[,LANG], or a counts "
+                                "file (token<TAB>count per line, or JSON)."),
     auto: Optional[bool] = typer.Option(
         None, "--auto/--no-auto", help="ASG: choose k, m and the norm mode by measuring candidates within --budget "
                                        "(default 1% of the parameters) on text, and print what was tried. Default: on "
@@ -132,11 +138,12 @@ def compress(
         if tokenizer is None:
             raise ValueError(f"{source} holds no tokenizer: --auto measures candidates on text; pass --k and --m")
         config = _auto_config(dense, tokenizer, budget, max_bytes, max_kl, target_ppl_ratio, text, targets=targets,
-                              backend=backend, seed=seed, niter=niter, kmeans=kmeans, weights=weights, dtype=dtype)
+                              backend=backend, seed=seed, niter=niter, kmeans=kmeans, weights=weights, dtype=dtype,
+                              keep=keep, keep_by=keep_by)
     else:
         config = _method_config(method, vocab_size, dim, budget, k=k, m=m, shared=shared, targets=targets,
                                 backend=backend, seed=seed, niter=niter, kmeans=kmeans, weights=weights, norms=norms,
-                                dtype=dtype)
+                                dtype=dtype, keep=keep, keep_by=keep_by)
     reference = copy.deepcopy(dense) if fidelity and tokenizer is not None else None
     report = compress_model(dense, config, tokenizer=tokenizer, progress=True)
     measured = None
@@ -257,6 +264,9 @@ def compare(
                                                                   "wordfreq:LANG, or a counts file), as in `asg compress`."),
     norms: Optional[str] = typer.Option(None, "--norms", help="ASG: keep each row's length (row) or one length "
                                                               "for all (scalar), as in `asg compress`; counted in the budget."),
+    keep: Optional[int] = typer.Option(None, "--keep", help="ASG: keep the N most frequent tokens' rows in int8, as in "
+                                                            "`asg compress`; counted in the budget."),
+    keep_by: Optional[str] = typer.Option(None, "--keep-by", help="ASG: how --keep ranks tokens, as in `asg compress`."),
 ) -> None:
     """Compress a model with each method at a matched budget; print and plot reconstruction error and fidelity."""
     from .baselines import METHODS
@@ -281,7 +291,8 @@ def compare(
     vocab_size, dim = dense.get_input_embeddings().weight.shape
     segments = [suggest_k_m(vocab_size, dim)[1]] if m is None else [int(part) for part in m.split(",") if part.strip()]
     rows = compare_methods(dense, tokenizer, texts, budget=fractions, by=budget_by, m=segments, methods=chosen,
-                           group_sizes=groups, progress=True, seed=seed, dtype=dtype, weights=weights, norms=norms)
+                           group_sizes=groups, progress=True, seed=seed, dtype=dtype, weights=weights, norms=norms,
+                           keep=keep, keep_by=keep_by)
     shown = ", ".join(f"{fraction:.2%}" for fraction in fractions)
     title = f"{name}: embedding compression at {shown} of the {budget_by} ({len(texts)} texts)"
     paths = write_comparison(rows, output, title)
@@ -481,7 +492,7 @@ def _split_list(text: str | None) -> list[str] | None:
 
 
 def _method_config(method, vocab_size, dim, budget, *, k, m, shared, targets, backend, seed, niter, kmeans="auto",
-                   weights=None, norms=None, dtype=None):
+                   weights=None, norms=None, dtype=None, keep=None, keep_by=None):
     """The config `asg compress` builds from its options, saying on stderr what it chose for ASG and why."""
     from . import methods
     from .config import suggest_k_m
@@ -495,7 +506,8 @@ def _method_config(method, vocab_size, dim, budget, *, k, m, shared, targets, ba
                    f"table: {why}. Pass --k and --m to choose.", err=True)
     return methods.config_from_options(method, (vocab_size, dim), budget=budget, k=k, m=m,
                                        codebook="shared" if shared else None, targets=targets, niter=niter, seed=seed,
-                                       backend=backend, kmeans=kmeans, weights=weights, norms=norms, dtype=dtype)
+                                       backend=backend, kmeans=kmeans, weights=weights, norms=norms, dtype=dtype,
+                                       keep=keep, keep_by=keep_by)
 
 
 def _auto_config(dense, tokenizer, budget, max_bytes, max_kl, target_ppl_ratio, text, **fit_options):

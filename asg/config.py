@@ -163,6 +163,9 @@ class ASGConfig(MethodConfig):
     minutes instead of hours at 0.6-3% more error (`asg.twolevel`); "exact" and "two-level" force one.
     `dtype` ("bfloat16", "float16" or "float32") is the precision the codebooks and norms are stored in:
     the fitted values are rounded to it, so that the folder holds them exactly; None keeps the model's.
+    `keep=N` keeps the rows of the N tokens that occur most often in text (ranked by `keep_by`: "wordfreq",
+    "wordfreq:LANG[,LANG]" or a counts file; special tokens first) apart from the concepts, each stored in
+    int8 with one scale: D + 1 numbers and about D + 6 bytes per kept row.
     """
 
     k: int
@@ -176,12 +179,14 @@ class ASGConfig(MethodConfig):
     weights: Any = field(default=None, compare=False, repr=False)
     norms: str | None = None
     dtype: str | None = None
+    keep: int = 0
+    keep_by: str = "wordfreq"
 
     method: ClassVar[str] = "asg"
 
     def __post_init__(self) -> None:
         self.targets = validate_targets(self.targets)
-        for name in ("k", "m", "niter", "seed"):
+        for name in ("k", "m", "niter", "seed", "keep"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -202,6 +207,10 @@ class ASGConfig(MethodConfig):
             raise ValueError(f"unknown dtype {self.dtype!r}: store the codebooks as {', '.join(STORAGE_DTYPES)}")
         if isinstance(self.weights, str) and not self.weights.strip():
             raise ValueError("weights is an empty string: give 'wordfreq', 'wordfreq:LANG', a counts file or an array")
+        if self.keep < 0:
+            raise ValueError(f"keep={self.keep} must be 0 or more: the number of frequent tokens whose rows stay apart")
+        if not isinstance(self.keep_by, str) or not self.keep_by.strip():
+            raise ValueError(f"keep_by={self.keep_by!r}: give 'wordfreq', 'wordfreq:LANG' or a counts file")
 
     @property
     def shared(self) -> bool:
@@ -211,7 +220,7 @@ class ASGConfig(MethodConfig):
     def settings(self) -> dict[str, Any]:
         """The settings that name this compression in tables and reports."""
         return {"k": self.k, "m": self.m, "codebook": self.codebook, **({"norms": self.norms} if self.norms else {}),
-                **({"dtype": self.dtype} if self.dtype else {})}
+                **({"keep": self.keep} if self.keep else {}), **({"dtype": self.dtype} if self.dtype else {})}
 
     def validate_for(self, num_rows: int, dim: int, what: str = "embedding") -> None:
         """Check that this config fits a (num_rows, dim) table; raise ValueError with the fix otherwise."""
@@ -229,6 +238,8 @@ class ASGConfig(MethodConfig):
                 f"k={self.k} is larger than the number of points to cluster ({where} of the {what}); "
                 f"a codebook cannot have more concept vectors than points. Use k <= {points}{hint}"
             )
+        if self.keep > num_rows:
+            raise ValueError(f"keep={self.keep} is more than the {num_rows} rows of the {what}; use keep <= {num_rows}")
 
     @classmethod
     def for_budget(cls, method: str, vocab_size: int, dim: int, budget: float, *, by: str = "params",
@@ -242,8 +253,10 @@ class ASGConfig(MethodConfig):
             value = STORAGE_DTYPES[options["dtype"]].itemsize
         width = dim // m if options.get("codebook") == "shared" else dim  # values per concept, over all codebooks
         norms = {"row": vocab_size, "scalar": 1}.get(options.get("norms"), 0) * value  # the lengths it keeps
-        k = largest(lambda k: k * width * value + norms + vocab_size * m * cls.index_bytes(k, by), 2, vocab_size,
-                    allowed)
+        keep = options.get("keep", 0)  # kept rows: D int8 values (one parameter each), a scale, an int32 id
+        kept = keep * (dim + 1) if by == "params" else keep * (dim + value + 4)
+        k = largest(lambda k: k * width * value + norms + kept + vocab_size * m * cls.index_bytes(k, by), 2,
+                    vocab_size, allowed)
         if k is None:
             codes = vocab_size * m * cls.index_bytes(2, by) / (vocab_size * dim * value)
             raise ValueError(f"budget {budget:.4%} is too small for ASG with m={m}: not even k=2 concept vectors fit"

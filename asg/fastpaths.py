@@ -95,8 +95,9 @@ class FastPaths:
 
     @staticmethod
     def approximates(table) -> bool:
-        """Whether `approximate_logits` can score this table here: k <= 1024 and a CPU with AVX-512 VBMI."""
-        return table.k <= 1024 and kernels.byte_lookups()
+        """Whether `approximate_logits` can score this table here: k <= 1024, no kept rows (whose logits are
+        scored exactly after the concepts', which the rescoring bound does not cover) and a CPU with AVX-512 VBMI."""
+        return table.k <= 1024 and not table.kept_count and kernels.byte_lookups()
 
     def approximate_logits(self, table, hidden: torch.Tensor) -> torch.Tensor:
         """Scores (V,) of one hidden state (D,), row scale applied, from lookup tables rounded to 8 bits (one

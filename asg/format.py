@@ -26,8 +26,9 @@ from . import bitpack
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-#: 2: index tables (ASG codes, SG groups) stored packed at ⌈log2 n⌉ bits (asg.bitpack); 1: in whole bytes.
-FORMAT_VERSION = 2
+#: 3: an ASG table may keep rows apart (kept_ids, kept_rows, kept_scales: ASGConfig.keep); 2: index tables
+#: (ASG codes, SG groups) stored packed at ⌈log2 n⌉ bits (asg.bitpack); 1: in whole bytes.
+FORMAT_VERSION = 3
 METHOD = "asg"  # the quantization method name transformers knows ASG folders by
 INDEX_NAME = "asg.safetensors.index.json"
 ASG_NOTICE = "this-is-an-ASG-checkpoint--pip-install-asg-and-import-asg-before-from_pretrained.safetensors"
@@ -352,6 +353,9 @@ def _validate_table(name: str, entry: Any, fail) -> None:
             fail(f"{field}.norms", "must be null, 'row' or 'scalar'")
         if entry["k"] > (1 << 31) - 1:
             fail(f"{field}.k", "is too large")
+        keep = entry.get("keep", 0)  # recorded since format 3
+        if not _is_int(keep) or not 0 <= keep <= entry["num_embeddings"]:
+            fail(f"{field}.keep", f"must be an integer in 0..num_embeddings, got {_short(keep)}")
 
 
 def _is_int(value: Any) -> bool:

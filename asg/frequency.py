@@ -4,17 +4,28 @@ Sources: `"wordfreq"` or `"wordfreq:en,de"` (the `wordfreq` package's frequency 
 languages; sub-word markers such as "##", "▁" and "Ġ" are stripped before the look-up), or the path of
 a counts file (`token<TAB>count` per line, or a JSON object {token: count}). Every token also gets a
 small floor, so that no row is ignored outright.
+
+`frequent_tokens` ranks the vocabulary by how often each token occurs in running text, for the rows an
+ASG table keeps apart (`ASGConfig(keep=N)`): wordfreq's most common words are tokenized as they occur in
+text (after a space, at the start, capitalised), so that sub-word pieces count too, and punctuation and
+the tokenizer's special tokens, which every text uses, come first.
 """
 
 from __future__ import annotations
 
 import json
+import string
 from pathlib import Path
 
 import numpy as np
 
 FLOOR = 1e-7  # the weight of a token never seen: about one occurrence in ten million words
 _MARKERS = ("##", "▁", "Ġ", "Ċ")
+WORDS = 50_000  # the most common words of each language that `frequent_tokens` tokenizes
+#: how a word occurs in text: after a space, at the start of a text, capitalised after a space; and shares
+_FORMS = ((" {}", 0.8), ("{}", 0.1), (" {}", 0.1))
+PUNCTUATION_SHARE = 0.05  # of the most frequent word's frequency, for each ASCII punctuation mark
+NUMBER_SHARE = 0.001  # for each of the numbers 0..99
 
 
 def token_weights(source: str, tokenizer, vocab_size: int, *, floor: float = FLOOR) -> np.ndarray:
@@ -89,3 +100,53 @@ def _counts_file(path: Path, tokenizer, vocab_size: int) -> np.ndarray:
     if total <= 0:
         raise ValueError(f"{path}: none of its tokens is in the model's vocabulary")
     return freqs / total
+
+
+def frequent_tokens(source: str, tokenizer, vocab_size: int, count: int) -> np.ndarray:
+    """The ids (sorted, int64) of the `count` tokens that occur most often in text (see `token_ranking`)."""
+    if not 0 <= count <= vocab_size:
+        raise ValueError(f"keep={count} must lie in 0..{vocab_size}, the vocabulary size")
+    return np.sort(token_ranking(source, tokenizer, vocab_size)[:count])
+
+
+def token_ranking(source: str, tokenizer, vocab_size: int) -> np.ndarray:
+    """Every token id (int64), most frequent in text first: special tokens, then by frequency from
+    `source` ("wordfreq", "wordfreq:LANG[,LANG]" or a counts file), then the unseen ones in id order."""
+    if tokenizer is None:
+        raise ValueError("keep needs the model's tokenizer to rank its tokens by frequency: "
+                         "asg.compress(model, config, tokenizer=tok)")
+    if source == "wordfreq" or source.startswith("wordfreq:"):
+        langs = [lang.strip() for lang in source.partition(":")[2].split(",") if lang.strip()] or ["en"]
+        freqs = _running_text(tokenizer, vocab_size, langs)
+    else:
+        freqs = _counts_file(Path(source), tokenizer, vocab_size)
+    special = [i for i in getattr(tokenizer, "all_special_ids", []) if 0 <= i < vocab_size]
+    freqs[special] = freqs.max() * 10 + 1
+    return np.argsort(-freqs, kind="stable").astype(np.int64)  # ties in id order: the choice is repeatable
+
+
+def _running_text(tokenizer, vocab_size: int, langs: list[str]) -> np.ndarray:
+    """Token frequencies (V,) from wordfreq's common words as the tokenizer splits them in text."""
+    try:
+        import wordfreq
+    except ImportError:
+        raise ValueError("keep_by='wordfreq' needs the wordfreq package: pip install wordfreq "
+                         "(or pip install 'asg[freq]')") from None
+    freqs = np.zeros(vocab_size)
+
+    def add(text: str, weight: float) -> None:
+        ids = [i for i in tokenizer(text, add_special_tokens=False)["input_ids"] if 0 <= i < vocab_size]
+        np.add.at(freqs, ids, weight)
+
+    for lang in langs:
+        for word in wordfreq.top_n_list(lang, WORDS):
+            frequency = wordfreq.word_frequency(word, lang) / len(langs)
+            for (form, share), text in zip(_FORMS, (word, word, word.capitalize())):
+                add(form.format(text), frequency * share)
+    top = freqs.max() if freqs.max() > 0 else 1.0
+    for mark in string.punctuation:
+        add(mark, top * PUNCTUATION_SHARE / 2)
+        add(" " + mark, top * PUNCTUATION_SHARE / 2)
+    for number in range(100):
+        add(f" {number}", top * NUMBER_SHARE)
+    return freqs

@@ -206,6 +206,10 @@ class ASGEmbedding(CompressedEmbedding):
     one per row (mode "row") or one for all rows (mode "scalar"). The concepts then give each row's
     direction and `norms` its length.
 
+    Kept rows: the tokens `kept_ids` (sorted) keep rows of their own instead, `kept_rows` (int8, one row per
+    kept token) times `kept_scales`; everything else (codes, norms) still exists for them but is not read.
+    All three are fixed buffers: calibration and fine-tuning train the concepts.
+
     On the CPU in float32 the C kernels do the work (`asg.fastpaths`); everywhere else, plain torch.
     """
 
@@ -223,6 +227,7 @@ class ASGEmbedding(CompressedEmbedding):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         norms: str | None = None,
+        keep: int = 0,
     ) -> None:
         super().__init__(num_embeddings, embedding_dim, padding_idx, embed_scale)
         if norms not in NORM_MODES:
@@ -238,6 +243,10 @@ class ASGEmbedding(CompressedEmbedding):
         self.norm_mode = norms
         size = num_embeddings if norms == "row" else 1
         self.norms = nn.Parameter(torch.ones(size, dtype=dtype, device=device)) if norms else None
+        if keep:  # a table without kept rows has no such tensors, so its state is what format 2 stored
+            self._register_kept(torch.zeros(keep, dtype=torch.int32, device=device),
+                                torch.zeros(keep, embedding_dim, dtype=torch.int8, device=device),
+                                torch.zeros(keep, dtype=torch.float32, device=device))
         self._codes_checked = VersionCache()  # the code table last found in 0..k-1
         self.fast = FastPaths()
 
@@ -272,11 +281,66 @@ class ASGEmbedding(CompressedEmbedding):
         kept = lengths if mode == "row" else lengths.mean().reshape(1)
         self.norms = nn.Parameter(kept.detach().to(self.codebooks.dtype).to(self.codebooks.device).clone())
 
+    def keep_rows_(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """Keep `rows` (n, D) of the tokens `ids` (n,) apart from the concepts, each rounded to int8 with one
+        scale (its largest magnitude / 127, so every value is within scale / 2 of the original)."""
+        ids = torch.as_tensor(ids).reshape(-1).long()
+        kernels.check_ids(ids, self.num_embeddings)
+        order = torch.argsort(ids)
+        ids, rows = ids[order], rows.detach().float()[order.to(rows.device)]
+        if len(ids) > 1 and not bool((ids[1:] > ids[:-1]).all()):
+            raise ValueError("the kept token ids repeat a token; give each once")
+        scales = rows.abs().amax(1) / 127
+        if self.storage_dtype is not None:  # files store the scales in the values' precision: round them now
+            scales = scales.to(self.storage_dtype).float()
+        quantized = torch.round(rows / scales.clamp_min(1e-30)[:, None]).clamp(-127, 127)
+        device = self.codes.device
+        self._register_kept(ids.to(torch.int32).to(device), quantized.to(torch.int8).to(device), scales.to(device))
+
+    def _register_kept(self, ids: torch.Tensor, rows: torch.Tensor, scales: torch.Tensor) -> None:
+        self.register_buffer("kept_ids", ids)
+        self.register_buffer("kept_rows", rows)
+        self.register_buffer("kept_scales", scales)
+
+    @property
+    def kept_count(self) -> int:
+        """How many tokens keep rows of their own (0: every row comes from the concepts)."""
+        ids = self._buffers.get("kept_ids")
+        return 0 if ids is None else ids.shape[0]
+
+    def kept_weight(self) -> torch.Tensor:
+        """The kept rows (n, D) as float32: int8 values times their scales."""
+        return self.kept_rows.float() * self.kept_scales.float()[:, None]
+
+    def _with_kept(self, rows: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+        """`rows` (of `ids`, every token when None) with the kept tokens' rows put in (out of place, so that
+        gradients still reach the concepts of the others)."""
+        if not self.kept_count:
+            return rows
+        kept = self.kept_weight().to(rows.dtype)
+        kept_ids = self.kept_ids.long()
+        if ids is None:
+            return rows.index_copy(0, kept_ids, kept)
+        flat = ids.reshape(-1).long()
+        slot = torch.searchsorted(kept_ids, flat).clamp_max(self.kept_count - 1)
+        return torch.where((kept_ids[slot] == flat)[:, None], kept[slot], rows)
+
+    def _kept_logits(self, logits: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """Logits (N, V) of hidden states `flat` (N, D) with the kept tokens' columns scored on their rows."""
+        if self.kept_count:
+            logits[:, self.kept_ids.long()] = flat @ self.kept_weight().to(flat.dtype).T
+        return logits
+
+    def round_to_storage_(self, dtype: torch.dtype | None) -> None:
+        super().round_to_storage_(dtype)
+        if dtype is not None and self.kept_count:
+            self.kept_scales = self.kept_scales.to(dtype).float()
+
     @classmethod
     def empty(cls, spec, *, dtype=None, device=None, embed_scale=None) -> "ASGEmbedding":
         return cls(spec["num_embeddings"], spec["embedding_dim"], spec["k"], spec["m"], shared=spec["shared"],
                    padding_idx=spec.get("padding_idx"), embed_scale=embed_scale, dtype=dtype, device=device,
-                   norms=spec.get("norms"))
+                   norms=spec.get("norms"), keep=spec.get("keep", 0))
 
     @property
     def segment_dim(self) -> int:
@@ -295,11 +359,19 @@ class ASGEmbedding(CompressedEmbedding):
         return codes
 
     def validate(self) -> None:
-        """Codes in 0..k-1 and finite values (ValueError naming the tensor)."""
+        """Codes in 0..k-1, kept ids increasing within 0..V-1, non-negative scales and finite values
+        (ValueError naming the tensor)."""
         try:
             self.checked_codes()
         except ValueError as err:
             raise ValueError(f"tensor 'codes': {err}") from None
+        ids = self.kept_ids.long() if self.kept_count else torch.zeros(0, dtype=torch.long)
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+            raise ValueError(f"tensor 'kept_ids': ids must lie in 0..{self.num_embeddings - 1}")
+        if len(ids) > 1 and not bool((ids[1:] > ids[:-1]).all()):
+            raise ValueError("tensor 'kept_ids': ids must be strictly increasing")
+        if len(ids) and bool((self.kept_scales < 0).any()):
+            raise ValueError("tensor 'kept_scales': scales must not be negative")
         super().validate()
 
     def _offsets(self) -> torch.Tensor:
@@ -323,7 +395,8 @@ class ASGEmbedding(CompressedEmbedding):
         else:
             concept_ids = self.concept_ids() if ids is None else codes[ids.reshape(-1)].long() + self._offsets()
             rows = F.embedding(concept_ids, self.codebooks).flatten(-2)
-        return rows if self.norms is None else rows * self.row_scale(ids)[:, None]
+        rows = rows if self.norms is None else rows * self.row_scale(ids)[:, None]
+        return self._with_kept(rows, ids)
 
     def row_scale(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Stored length / concatenated length, per row of `ids` (every token when None): the factor that
@@ -355,7 +428,8 @@ class ASGEmbedding(CompressedEmbedding):
         grad = torch.is_grad_enabled() and (hidden.requires_grad or self.codebooks.requires_grad)
         if grad or hidden.device.type != "cpu" or hidden.dtype != torch.float32 or not FastPaths.applies(self.codebooks):
             return F.linear(hidden, self.weight, bias)
-        out = self.fast.logits(self, hidden.reshape(-1, self.embedding_dim))
+        flat = hidden.reshape(-1, self.embedding_dim)
+        out = self._kept_logits(self.fast.logits(self, flat), flat)
         if bias is not None:
             out += bias
         return out.reshape(*hidden.shape[:-1], self.num_embeddings)
@@ -368,6 +442,7 @@ class ASGEmbedding(CompressedEmbedding):
         logits = tables[:, rows].sum(-1)
         if self.norms is not None:
             logits = logits * self.row_scale()
+        logits = self._kept_logits(logits, flat)
         return logits.reshape(*hidden.shape[:-1], self.num_embeddings)
 
     def segment_scores(self, flat: torch.Tensor) -> torch.Tensor:
@@ -380,11 +455,16 @@ class ASGEmbedding(CompressedEmbedding):
 
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "k": self.k, "m": self.m, "shared": self.shared, "norms": self.norm_mode,
-                "codebooks_shape": list(self.codebooks.shape),
+                "keep": self.kept_count, "codebooks_shape": list(self.codebooks.shape),
                 "code_dtype": str(self.codes.dtype).replace("torch.", "")}
 
     def index_tables(self) -> dict[str, int]:
         return {"codes": self.k}
+
+    def value_count(self) -> int:
+        """The concepts and norms, and each kept row's D values and scale."""
+        kept = self.kept_rows.numel() + self.kept_scales.numel() if self.kept_count else 0
+        return super().value_count() + kept
 
     def resize_(self, count: int, mean_resizing: bool = True) -> None:
         """Keep the first `count` tokens, or add tokens whose codes encode an initial vector (drawn from the
@@ -407,6 +487,10 @@ class ASGEmbedding(CompressedEmbedding):
                     codebooks = codebooks.view(self.m, self.k, self.segment_dim)
                 new_codes = torch.as_tensor(pq.encode(codebooks, extra.cpu())).to(codes.device, codes.dtype)
             self.codes = torch.cat([codes, new_codes])
+        if self.kept_count:
+            inside = self.kept_ids < count
+            self.kept_ids, self.kept_rows = self.kept_ids[inside], self.kept_rows[inside]
+            self.kept_scales = self.kept_scales[inside]
         if self.norm_mode == "row":
             with torch.no_grad():
                 kept = self.norms.data[:count]
@@ -417,7 +501,8 @@ class ASGEmbedding(CompressedEmbedding):
     def extra_repr(self) -> str:
         kind = "shared" if self.shared else "separate"
         norms = f", norms={self.norm_mode}" if self.norm_mode else ""
-        return f"{self.num_embeddings}, {self.embedding_dim}, k={self.k}, m={self.m}, codebook={kind}{norms}"
+        kept = f", kept rows={self.kept_count}" if self.kept_count else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, k={self.k}, m={self.m}, codebook={kind}{norms}{kept}"
 
 
 class ASGHead(nn.Module):
@@ -479,10 +564,11 @@ class ASGHead(nn.Module):
 
 
 @register(ASGConfig, "asg")
-def fit_asg(config: ASGConfig, weight: torch.Tensor, name: str, progress: bool, weights=None,
+def fit_asg(config: ASGConfig, weight: torch.Tensor, name: str, progress: bool, weights=None, kept_ids=None,
              **kwargs) -> tuple[ASGEmbedding, float]:
     """Product-quantize `weight` (V, D) into an `ASGEmbedding` (with the row lengths `config.norms` asks for);
-    `weights` makes k-means count each row by its token's frequency. Returns it and its relative error."""
+    `weights` makes k-means count each row by its token's frequency; the rows of `kept_ids` are kept apart
+    in int8. Returns it and its relative error."""
     if weights is not None and len(weights) != weight.shape[0]:
         raise ValueError(f"the {name} table has {weight.shape[0]} rows but the weights have {len(weights)}; "
                          "compress that table unweighted (targets) or give weights for its vocabulary")
@@ -492,6 +578,10 @@ def fit_asg(config: ASGConfig, weight: torch.Tensor, name: str, progress: bool, 
     module = ASGEmbedding.from_pq(fit.codebooks, fit.codes, dtype=weight.dtype, device=weight.device, **kwargs)
     module.set_norms_(config.norms, torch.linalg.vector_norm(weight.detach().float(), dim=1))
     module.round_to_storage_(STORAGE_DTYPES.get(config.dtype))
+    if kept_ids is not None and len(kept_ids):
+        ids = torch.as_tensor(kept_ids)
+        ids = ids[ids < weight.shape[0]]  # an untied head may have fewer rows than the input table
+        module.keep_rows_(ids, weight.detach()[ids.to(weight.device)])
     ids = torch.arange(weight.shape[0], device=weight.device)
     with torch.no_grad():  # block by block, so that no second full table is built
         error = pq.relative_error(weight, lambda rows: module.rows(ids[rows]))

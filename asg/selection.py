@@ -3,7 +3,9 @@
 Candidates are the largest k (a power of two) that fits the budget at each concept width D/m, each
 with every norm mode; each is fitted on a copy of the model and scored on text against the original:
 next-token KL for generative models (lower is better), mean cosine of sentence embeddings for
-encoders (higher is better). The fit is shared by the norm modes of one (k, m). With a target
+encoders (higher is better). Where k leaves room in the budget, each also runs with kept rows
+(`ASGConfig.keep`): the most frequent tokens' rows in int8, as many as the room holds. The fit is
+shared by the norm modes and kept-row variants of one (k, m). With a target
 (`max_kl`, `target_ppl_ratio` or `min_cosine`) the smallest candidate that meets it wins; without
 one, the best score within the budget.
 """
@@ -22,6 +24,7 @@ import torch
 from .config import ASGConfig
 from .fidelity import ReferenceOutputs, fidelity, is_generative
 from .format import NORM_MODES, STORAGE_DTYPES
+from .frequency import token_ranking
 from .modules import ASGEmbedding
 from .surgery import compress
 
@@ -40,7 +43,8 @@ class Trial:
 
     @property
     def label(self) -> str:
-        return f"k={self.config.k}, m={self.config.m}, norms={self.config.norms or 'none'}"
+        keep = f", keep={self.config.keep}" if self.config.keep else ""
+        return f"k={self.config.k}, m={self.config.m}, norms={self.config.norms or 'none'}{keep}"
 
 
 @dataclass
@@ -54,11 +58,16 @@ class Selection:
 
 
 def candidates(vocab_size: int, dim: int, *, budget: float, by: str = "params", max_bytes: float | None = None,
-               widths=WIDTHS, norm_modes=NORM_MODES, **fit_options) -> list[Trial]:
+               widths=WIDTHS, norm_modes=NORM_MODES, fill_keep: bool = True, **fit_options) -> list[Trial]:
     """At each width D/m that divides D, the largest power-of-two k within `budget` (a fraction of the
     dense table's parameters, or with `by="bytes"` of its float32 bytes) and `max_bytes` (a fraction of
-    the float32 bytes, codes packed), once per norm mode; `fit_options` (niter, seed, dtype, ...) go to
-    every config."""
+    the float32 bytes, codes packed), once per norm mode, and with `fill_keep` once more with as many
+    kept rows as the rest of the budget holds; `fit_options` (niter, seed, dtype, ...) go to every config."""
+    def fits(config: ASGConfig) -> tuple[bool, float, float]:
+        params, size = _cost(config, vocab_size, dim)
+        inside = (params if by == "params" else size) <= budget and (max_bytes is None or size <= max_bytes)
+        return inside, params, size
+
     trials = []
     for width in widths:
         if dim % width or width > dim:
@@ -67,19 +76,33 @@ def candidates(vocab_size: int, dim: int, *, budget: float, by: str = "params", 
         for mode in norm_modes:
             best = None
             for bits in range(1, int(math.log2(vocab_size)) + 1):
-                config = ASGConfig(k=2 ** bits, m=m, norms=mode, **fit_options)
-                params, size = _cost(config, vocab_size, dim)
-                if (params if by == "params" else size) > budget or (max_bytes is not None and size > max_bytes):
+                inside, params, size = fits(ASGConfig(k=2 ** bits, m=m, norms=mode, **fit_options))
+                if not inside:
                     break
-                best = Trial(config, 100 * params, 100 * size)
-            if best is not None:
-                trials.append(best)
+                best = Trial(ASGConfig(k=2 ** bits, m=m, norms=mode, **fit_options), 100 * params, 100 * size)
+            if best is None:
+                continue
+            trials.append(best)
+            keep = _most(lambda n: fits(dataclasses.replace(best.config, keep=n))[0], vocab_size) if fill_keep else 0
+            if keep:
+                config = dataclasses.replace(best.config, keep=keep)
+                _, params, size = fits(config)
+                trials.append(Trial(config, 100 * params, 100 * size))
     return trials
+
+
+def _most(allowed: Callable[[int], bool], limit: int) -> int:
+    """The largest n in 0..limit with allowed(n), for an `allowed` that holds up to some n and not beyond."""
+    low, high = 0, limit
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if allowed(middle) else (low, middle - 1)
+    return low
 
 
 def _cost(config: ASGConfig, vocab_size: int, dim: int) -> tuple[float, float]:
     """(parameters, bytes on disk) as fractions of the dense table's parameters and float32 bytes."""
-    table = ASGEmbedding(vocab_size, dim, config.k, config.m, norms=config.norms, device="meta")
+    table = ASGEmbedding(vocab_size, dim, config.k, config.m, norms=config.norms, keep=config.keep, device="meta")
     table.storage_dtype = STORAGE_DTYPES.get(config.dtype)
     return table.value_count() / (vocab_size * dim), table.disk_bytes() / (vocab_size * dim * 4)
 
@@ -93,8 +116,16 @@ def select(model, tokenizer, texts: list[str], *, budget: float = 0.01, by: str 
     measurement as it runs."""
     dim = model.get_input_embeddings().weight.shape[1]
     vocab_size = model.get_input_embeddings().weight.shape[0]
+    base_keep = fit_options.get("keep", 0)  # the user's own kept rows, in every candidate
+    ranking = None
+    if not base_keep:
+        try:
+            ranking = token_ranking(fit_options.get("keep_by", "wordfreq"), tokenizer, vocab_size)
+        except ValueError as err:
+            if report is not None:
+                report(f"not trying kept rows: {err}")
     trials = candidates(vocab_size, dim, budget=budget, by=by, max_bytes=max_bytes, widths=widths,
-                        norm_modes=norm_modes, **fit_options)
+                        norm_modes=norm_modes, fill_keep=ranking is not None, **fit_options)
     if not trials:
         cap = "" if max_bytes is None else f" and {max_bytes:.2%} of its bytes"
         raise ValueError(f"no ASG setting fits {budget:.2%} of the table's {by}{cap} at concept widths "
@@ -105,14 +136,16 @@ def select(model, tokenizer, texts: list[str], *, budget: float = 0.01, by: str 
     start = time.perf_counter()
     for done, trial in enumerate(trials, start=1):
         key = (trial.config.k, trial.config.m)
-        if fitted is None or fitted[0] != key:  # the norm modes of one (k, m) follow each other
+        if fitted is None or fitted[0] != key:  # the variants of one (k, m) follow each other
             fitted = None  # one compressed copy at a time
             candidate = copy.deepcopy(model)
             began = time.perf_counter()
-            compress(candidate, dataclasses.replace(trial.config, norms=None), tokenizer=tokenizer, progress=progress)
+            compress(candidate, dataclasses.replace(trial.config, norms=None, keep=base_keep), tokenizer=tokenizer,
+                     progress=progress)
             fitted = (key, candidate, time.perf_counter() - began)
         trial.fit_seconds = fitted[2]
-        scored = _with_norms(fitted[1], model, trial.config.norms)
+        kept = ranking[:trial.config.keep] if trial.config.keep != base_keep else None
+        scored = _variant(fitted[1], model, trial.config.norms, kept)
         trial.scores = fidelity(scored, model, tokenizer, texts, progress=progress, cache=cache)
         if report is not None:
             left = (time.perf_counter() - start) / done * (len(trials) - done)
@@ -121,9 +154,10 @@ def select(model, tokenizer, texts: list[str], *, budget: float = 0.01, by: str 
     return _choose(trials, generative, max_kl, target_ppl_ratio, min_cosine)
 
 
-def _with_norms(compressed, reference, mode):
-    """A copy of `compressed` whose ASG tables use norm mode `mode`, lengths taken from `reference`."""
-    if mode is None:
+def _variant(compressed, reference, mode, kept):
+    """A copy of `compressed` whose ASG tables use norm mode `mode`, lengths taken from `reference`, and
+    keep the rows of the token ids `kept` (None: as fitted)."""
+    if mode is None and kept is None:
         return compressed
     variant = copy.deepcopy(compressed)
     dense = {"input": reference.get_input_embeddings().weight}
@@ -136,7 +170,11 @@ def _with_norms(compressed, reference, mode):
         tables["output"] = getattr(output, "embedding", None)
     for side, table in tables.items():
         if isinstance(table, ASGEmbedding):
-            table.set_norms_(mode, torch.linalg.vector_norm(dense[side].detach().float(), dim=1))
+            if mode is not None:
+                table.set_norms_(mode, torch.linalg.vector_norm(dense[side].detach().float(), dim=1))
+            if kept is not None:
+                ids = torch.from_numpy(kept[kept < table.num_embeddings])
+                table.keep_rows_(ids, dense[side].detach()[ids])
     return variant
 
 

@@ -80,6 +80,10 @@ def _fit_tables(model: nn.Module, config, fitter, embedding: nn.Embedding, head:
     options = {}
     if getattr(config, "weights", None) is not None:
         options["weights"] = _token_weights(config.weights, tokenizer, embedding.weight.shape[0])
+    if getattr(config, "keep", 0):
+        from .frequency import frequent_tokens
+
+        options["kept_ids"] = frequent_tokens(config.keep_by, tokenizer, embedding.weight.shape[0], config.keep)
     fitted: dict[str, CompressedEmbedding] = {}
     tables: dict[str, dict[str, Any]] = {}
     errors: dict[str, float] = {}

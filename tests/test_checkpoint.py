@@ -55,8 +55,8 @@ def test_files_hold_no_dense_table_and_each_tensor_once(arch, tmp_path):
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert config["asg"]["config"] == {"k": K, "m": M, "codebook": "separate", "targets": ["input", "output"],
                                        "niter": 25, "seed": 0, "backend": "faiss", "kmeans": "auto", "weights": None,
-                                       "norms": None, "dtype": None}
-    assert config["asg"]["format_version"] == 2
+                                       "norms": None, "dtype": None, "keep": 0, "keep_by": "wordfreq"}
+    assert config["asg"]["format_version"] == asg.format.FORMAT_VERSION
     # format 2: codes packed at log2(k) = 4 bits, V·m/2 bytes, under their name + "_packed"
     packed = [name for name in shapes if name.endswith("codes_packed")]
     assert len(packed) == (1 if arch in TIED else 2) and not any(name.endswith(".codes") for name in shapes)

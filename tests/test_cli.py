@@ -75,7 +75,7 @@ def test_shared_and_targets_options(model_dir, tmp_path):
     plan = asg.read_plan(out)
     assert plan["config"] == {"k": 32, "m": 8, "codebook": "shared", "targets": ["input"], "niter": 25,
                               "seed": 3, "backend": "torch", "kmeans": "auto", "weights": None,
-                              "norms": None, "dtype": None}
+                              "norms": None, "dtype": None, "keep": 0, "keep_by": "wordfreq"}
     assert set(plan["tables"]) == {"input"}
     assert_user_error(run("inspect", str(out), "--token", "father", "--table", "output"), "no compressed output table")
 

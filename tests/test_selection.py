@@ -2,6 +2,7 @@
 the winner with and without a target, and `asg compress --auto`."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -28,17 +29,33 @@ def gpt2_dir(tmp_path_factory):
 
 
 def test_candidates_are_the_largest_power_of_two_k_within_the_budget():
-    trials = selection.candidates(262_144, 640, budget=0.01)
+    every = selection.candidates(262_144, 640, budget=0.01)
+    trials = [t for t in every if not t.config.keep]
     assert {(t.config.k, t.config.m) for t in trials} == {(2048, 320), (2048, 160), (2048, 80), (2048, 40)}
     assert {t.config.norms for t in trials} == {None, "row", "scalar"}
     for trial in trials:  # k·D values (and V lengths for norms="row") within 1%; twice k would not be
         assert trial.params_percent <= 1.0
         bigger = selection.candidates(262_144, 640, budget=1.0, widths=(640 // trial.config.m,),
-                                      norm_modes=(trial.config.norms,))
+                                      norm_modes=(trial.config.norms,), fill_keep=False)
         assert any(t.config.k > trial.config.k for t in bigger)
     capped = selection.candidates(262_144, 640, budget=0.01, max_bytes=0.10)
     assert max(t.bytes_percent for t in capped) <= 10
-    assert {t.config.k for t in capped if t.config.m == 320} == {64}  # 6-bit codes of 320 segments: 9.4%; 7 bits: 10.9%
+    # 6-bit codes of 320 segments: 9.4%; 7 bits: 10.9%
+    assert {t.config.k for t in capped if t.config.m == 320 and not t.config.keep} == {64}
+
+
+def test_kept_rows_fill_what_k_leaves_of_the_budget():
+    every = selection.candidates(262_144, 640, budget=0.01, max_bytes=0.10, norm_modes=(None,))
+    assert [bool(t.config.keep) for t in every] == [False, True] * 4  # each (k, m), then with kept rows
+    for plain, kept in zip(every[::2], every[1::2]):
+        assert (kept.config.k, kept.config.m) == (plain.config.k, plain.config.m)
+        assert kept.params_percent <= 1.0 and kept.bytes_percent <= 10.0
+        params, size = selection._cost(dataclasses.replace(kept.config, keep=kept.config.keep + 1), 262_144, 640)
+        assert params > 0.01 or size > 0.10  # one more kept row would not fit
+    # k=64, m=320: 40,960 codebook values leave 1,636,761 of the 1% for rows of 641 parameters (640 int8
+    # values and a scale); the bytes (10% less 9.4%) would hold 6,219 rows of 648 bytes (and a 4-byte id)
+    assert [t.config.keep for t in every if t.config.m == 320] == [0, 2553]
+    assert [t for t in selection.candidates(262_144, 640, budget=0.01, fill_keep=False) if t.config.keep] == []
 
 
 def test_the_norm_modes_share_one_fit_and_measure_what_compressing_with_them_gives(gpt2_dir):
@@ -47,7 +64,8 @@ def test_the_norm_modes_share_one_fit_and_measure_what_compressing_with_them_giv
     tokenizer.pad_token = tokenizer.pad_token or "[PAD]"
     texts = sentences()
     result = selection.select(model, tokenizer, texts, budget=0.4, widths=(4,))
-    assert [t.config.norms for t in result.trials] == [None, "row", "scalar"]
+    assert [t.config.norms for t in result.trials] == [None, None, "row", "row", "scalar", "scalar"]
+    assert [bool(t.config.keep) for t in result.trials] == [False, True] * 3
     for trial in result.trials:
         direct = copy.deepcopy(model)
         asg.compress(direct, trial.config, tokenizer=tokenizer, progress=False)
@@ -55,6 +73,17 @@ def test_the_norm_modes_share_one_fit_and_measure_what_compressing_with_them_giv
     assert result.best is min(result.trials, key=lambda t: t.scores["kl"])
     assert result.met_target and "best KL" in result.reason
     assert [n for n, p in model.named_parameters() if "codebooks" in n] == []  # the model itself is untouched
+
+
+def test_kept_rows_are_not_tried_when_the_tokens_cannot_be_ranked(gpt2_dir, tmp_path):
+    model = tf.AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    tokenizer = tf.AutoTokenizer.from_pretrained(gpt2_dir)
+    tokenizer.pad_token = tokenizer.pad_token or "[PAD]"
+    lines = []
+    result = selection.select(model, tokenizer, sentences(), budget=0.4, widths=(4,), norm_modes=(None,),
+                              keep_by=str(tmp_path / "missing.tsv"), report=lines.append)
+    assert [t.config.keep for t in result.trials] == [0]
+    assert lines[0].startswith("not trying kept rows:") and "missing.tsv does not exist" in lines[0]
 
 
 def test_a_target_picks_the_smallest_setting_that_reaches_it_or_says_none_does(gpt2_dir):
