@@ -93,11 +93,18 @@ def test_any_config_compresses_exactly_or_says_why_not(case):
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
-    """A saved tied GPT-2 with norms (every kind of ASG tensor) and an untied head variant, with their logits."""
+    """A saved tied GPT-2 with norms and kept rows (every kind of ASG tensor) and an untied head variant, with
+    their logits."""
     out = {}
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat"] + [f"w{i}" for i in range(33)]
+    tokenizer = tf.BertTokenizer(vocab={word: i for i, word in enumerate(words)})
+    counts = tmp_path_factory.mktemp("counts") / "counts.tsv"
+    counts.write_text("the\t10\ncat\t5\n")
     for name, tied in (("tied", True), ("untied", False)):
         model = tiny_gpt2(40, 8, tied, torch.float32)
-        asg.compress(model, asg.ASGConfig(k=6, m=4, norms="row", niter=3), progress=False)
+        asg.compress(model, asg.ASGConfig(k=6, m=4, norms="row", niter=3, keep=6, keep_by=str(counts)),
+                     tokenizer=tokenizer, progress=False)
+        assert model.get_input_embeddings().kept_count == 6
         folder = asg.save_pretrained(model, tmp_path_factory.mktemp(name) / "ckpt")
         with torch.no_grad():
             out[name] = (folder, model(input_ids=IDS).logits)
