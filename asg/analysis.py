@@ -63,6 +63,11 @@ def parameter_table(path: str | os.PathLike) -> dict[str, Any]:
                 "code_overhead_percent": 100.0 * index_on_disk / float32,  # appendix C: packed codes / float32 table
                 "code_memory_percent": 100.0 * entry["index_bytes"] / float32,
             })
+            keep = entry.get("keep", 0)
+            if keep:  # D int8 values, a scale in the stored precision (float32 as held) and an int32 id each
+                scale = fmt.STORAGE_DTYPES[entry["storage_dtype"]].itemsize if entry.get("storage_dtype") else 4
+                row.update(kept_rows=keep, kept_bytes=keep * (dim + scale + 4),
+                           kept_percent=100.0 * keep * (dim + scale + 4) / float32)
         tables.append(row)
     out = {
         "path": str(path),

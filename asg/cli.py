@@ -95,7 +95,7 @@ def compress(
                               "are rounded to it. Default: the model's own precision."),
     keep: Optional[int] = typer.Option(
         None, "--keep", help="ASG: keep the rows of the N tokens most frequent in text apart from the concepts, in "
-                             "int8 (about D + 6 bytes and D + 1 parameters each, counted in --budget)."),
+                             "int8 with one scale (D + 1 parameters and D + 6 to D + 8 bytes each, counted in --budget)."),
     keep_by: Optional[str] = typer.Option(
         None, "--keep-by", help="ASG: how --keep ranks tokens: wordfreq (default), wordfreq:LANG[,LANG], or a counts "
                                 "file (token<TAB>count per line, or JSON)."),
@@ -190,6 +190,9 @@ def info(
             typer.echo(f"  {row['table']}: E' (m·k, D/m) = {shape}; codes {row['code_bytes_packed']:,} bytes on disk at "
                        f"log2(k) bits, {row['code_overhead_percent']:.2f}% of the float32 table (appendix C); "
                        f"{row['code_bytes']:,} in memory as {row['code_dtype']}")
+            if row.get("kept_rows"):
+                typer.echo(f"  {row['table']}: {row['kept_rows']:,} kept rows of frequent tokens (int8, one scale "
+                           f"each): {row['kept_bytes']:,} bytes, {row['kept_percent']:.2f}% of the float32 table")
     if "model_params_before" in table:
         typer.echo(f"  embedding parameters {table['embedding_params_before']:,} -> {table['embedding_params_after']:,} "
                    f"({table['embedding_percent']:.2f}%)")

@@ -165,7 +165,8 @@ class ASGConfig(MethodConfig):
     the fitted values are rounded to it, so that the folder holds them exactly; None keeps the model's.
     `keep=N` keeps the rows of the N tokens that occur most often in text (ranked by `keep_by`: "wordfreq",
     "wordfreq:LANG[,LANG]" or a counts file; special tokens first) apart from the concepts, each stored in
-    int8 with one scale: D + 1 numbers and about D + 6 bytes per kept row.
+    int8 with one scale: D + 1 numbers per kept row, and D + 6 bytes with its int32 id (D + 8 where the
+    scale is stored in float32).
     """
 
     k: int

@@ -5,10 +5,10 @@ languages; sub-word markers such as "##", "▁" and "Ġ" are stripped before the
 a counts file (`token<TAB>count` per line, or a JSON object {token: count}). Every token also gets a
 small floor, so that no row is ignored outright.
 
-`frequent_tokens` ranks the vocabulary by how often each token occurs in running text, for the rows an
-ASG table keeps apart (`ASGConfig(keep=N)`): wordfreq's most common words are tokenized as they occur in
-text (after a space, at the start, capitalised), so that sub-word pieces count too, and punctuation and
-the tokenizer's special tokens, which every text uses, come first.
+`token_ranking` orders the vocabulary by how often each token occurs in running text, for the rows an
+ASG table keeps apart (`ASGConfig(keep=N)`, `frequent_tokens`): wordfreq's most common words are
+tokenized as they occur in text (after a space, at the start, capitalised), so that sub-word pieces count
+too; punctuation and numbers get a share; the tokenizer's special tokens, which every text uses, come first.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 
 FLOOR = 1e-7  # the weight of a token never seen: about one occurrence in ten million words
 _MARKERS = ("##", "▁", "Ġ", "Ċ")
-WORDS = 50_000  # the most common words of each language that `frequent_tokens` tokenizes
+WORDS = 50_000  # the most common words of each language that `token_ranking` tokenizes
 #: how a word occurs in text: after a space, at the start of a text, capitalised after a space; and shares
 _FORMS = ((" {}", 0.8), ("{}", 0.1), (" {}", 0.1))
 PUNCTUATION_SHARE = 0.05  # of the most frequent word's frequency, for each ASCII punctuation mark
@@ -32,12 +32,20 @@ def token_weights(source: str, tokenizer, vocab_size: int, *, floor: float = FLO
     """Weights (V,) for the tokenizer's vocabulary, from a frequency source (see the module docstring)."""
     if tokenizer is None:
         raise ValueError(f"weights={source!r} needs the model's tokenizer: asg.compress(model, config, tokenizer=tok)")
-    if source == "wordfreq" or source.startswith("wordfreq:"):
-        langs = [lang.strip() for lang in source.partition(":")[2].split(",") if lang.strip()] or ["en"]
-        freqs = _wordfreq(tokenizer, vocab_size, langs)
+    if _is_wordfreq(source):
+        freqs = _wordfreq(tokenizer, vocab_size, _langs(source))
     else:
         freqs = _counts_file(Path(source), tokenizer, vocab_size)
     return freqs + floor
+
+
+def _is_wordfreq(source: str) -> bool:
+    return source == "wordfreq" or source.startswith("wordfreq:")
+
+
+def _langs(source: str) -> list[str]:
+    """The languages of "wordfreq:LANG[,LANG]" (English for plain "wordfreq")."""
+    return [lang.strip() for lang in source.partition(":")[2].split(",") if lang.strip()] or ["en"]
 
 
 def _vocabulary(tokenizer, vocab_size: int) -> list[str | None]:
@@ -115,9 +123,8 @@ def token_ranking(source: str, tokenizer, vocab_size: int) -> np.ndarray:
     if tokenizer is None:
         raise ValueError("keep needs the model's tokenizer to rank its tokens by frequency: "
                          "asg.compress(model, config, tokenizer=tok)")
-    if source == "wordfreq" or source.startswith("wordfreq:"):
-        langs = [lang.strip() for lang in source.partition(":")[2].split(",") if lang.strip()] or ["en"]
-        freqs = _running_text(tokenizer, vocab_size, langs)
+    if _is_wordfreq(source):
+        freqs = _running_text(tokenizer, vocab_size, _langs(source))
     else:
         freqs = _counts_file(Path(source), tokenizer, vocab_size)
     special = [i for i in getattr(tokenizer, "all_special_ids", []) if 0 <= i < vocab_size]

@@ -76,10 +76,11 @@ def candidates(vocab_size: int, dim: int, *, budget: float, by: str = "params", 
         for mode in norm_modes:
             best = None
             for bits in range(1, int(math.log2(vocab_size)) + 1):
-                inside, params, size = fits(ASGConfig(k=2 ** bits, m=m, norms=mode, **fit_options))
+                config = ASGConfig(k=2 ** bits, m=m, norms=mode, **fit_options)
+                inside, params, size = fits(config)
                 if not inside:
                     break
-                best = Trial(ASGConfig(k=2 ** bits, m=m, norms=mode, **fit_options), 100 * params, 100 * size)
+                best = Trial(config, 100 * params, 100 * size)
             if best is None:
                 continue
             trials.append(best)

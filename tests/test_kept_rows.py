@@ -202,4 +202,11 @@ def test_cli_compress_keeps_rows_and_info_shows_them(tmp_path, counts):
     assert plan["config"]["keep"] == 8 and plan["tables"]["input"]["keep"] == 8
     info = CliRunner().invoke(app, ["info", str(out)])
     assert info.exit_code == 0 and "keep=8" in info.output
+    kept_bytes = 8 * (HIDDEN + 4 + 4)  # int8 values, a float32 scale and an int32 id per row
+    assert f"8 kept rows of frequent tokens (int8, one scale each): {kept_bytes:,} bytes" in info.output
+    table = json.loads(CliRunner().invoke(app, ["info", str(out), "--json"]).output)["tables"][0]
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        stored = sum(math.prod(handle.get_slice(n).get_shape()) * {"I32": 4, "I8": 1, "F32": 4}[handle.get_slice(n).get_dtype()]
+                     for n in handle.keys() if ".kept_" in n)
+    assert table["kept_rows"] == 8 and table["kept_bytes"] == stored == kept_bytes
     assert ASGEmbedding.empty(plan["tables"]["input"]).kept_count == 8
