@@ -343,30 +343,18 @@ def _candidates(faiss, fit: TwoLevel, x: np.ndarray) -> np.ndarray:
     `WIDE_NPROBE` nearest cells (fewer where the cells hold fewer: the nearest repeats), nearest first."""
     count = min(CANDIDATES, len(fit.centroids))
     out = np.empty((len(x), count), dtype=np.int32)
-    books = torch.from_numpy(fit.centroids)
-    lengths = torch.cat([part.square().sum(1) for part in books.split(_SLICE_ROWS)])
-    cells = len(fit.coarse)
+    lengths = _squared_lengths(fit.centroids)
     for part in _chunks(x, _SEARCH_ROWS):
         points = x[part]
-        probes = _nearest(faiss, fit.coarse, points, min(WIDE_NPROBE, cells))
-        flat = probes.ravel()
-        order = np.argsort(flat, kind="stable")
-        bounds = np.searchsorted(flat[order], np.arange(cells + 1))
+        probes = _nearest(faiss, fit.coarse, points, min(WIDE_NPROBE, len(fit.coarse)))
         near = torch.full((len(points), count), np.inf)  # the running nearest scores, ||c||² - 2 x·c
         index = torch.zeros((len(points), count), dtype=torch.int64)
-        for j in range(cells):
-            lo, hi = int(fit.starts[j]), int(fit.starts[j + 1])
-            if lo == hi or bounds[j] == bounds[j + 1]:
-                continue
-            members = order[bounds[j]:bounds[j + 1]] // probes.shape[1]
-            step = max(1, _BLOCK_VALUES // max(hi - lo, x.shape[1]))
-            for start in range(0, len(members), step):
-                rows = torch.from_numpy(members[start:start + step])
-                scores = torch.addmm(lengths[lo:hi], torch.from_numpy(points[rows.numpy()]), books[lo:hi].T, alpha=-2)
-                dist, idx = scores.topk(min(count, hi - lo), dim=1, largest=False)
-                merged, at = torch.cat([near[rows], dist], 1).topk(count, dim=1, largest=False)
-                near[rows] = merged
-                index[rows] = torch.cat([index[rows], idx + lo], 1).gather(1, at)
+        for members, lo, _, scores in _cell_scores(fit, points, probes, lengths):
+            rows = torch.from_numpy(members)
+            dist, idx = scores.topk(min(count, scores.shape[1]), dim=1, largest=False)
+            merged, at = torch.cat([near[rows], dist], 1).topk(count, dim=1, largest=False)
+            near[rows] = merged
+            index[rows] = torch.cat([index[rows], idx + lo], 1).gather(1, at)
         # where the probed cells held fewer than `count` centroids, the nearest fills the empty places
         empty = torch.isinf(near)
         index = torch.where(empty, index[:, :1], index)
@@ -421,41 +409,52 @@ def _search_chunk(faiss, fit: TwoLevel, x: np.ndarray, probes: np.ndarray, secon
     squared distance (N,) float32 and, with `second`, the squared distance to the second nearest (inf where the
     cells hold one centroid; else None): per cell, one matmul of the points that probe it with its centroids (torch's:
     3.5x faster than a faiss flat index per cell on SG's 768-wide rows), a block of `_BLOCK_VALUES` scores at a time."""
+    best = np.full(len(x), np.inf, dtype=np.float32)
+    runner_up = np.full(len(x), np.inf, dtype=np.float32) if second else None
+    index = np.zeros(len(x), dtype=np.int64)
+    for rows, lo, points, scores in _cell_scores(fit, x, probes, _squared_lengths(fit.centroids)):
+        if second and scores.shape[1] > 1:
+            dist, idx = scores.topk(2, dim=1, largest=False)
+        else:
+            dist, idx = scores.min(1, keepdim=True)
+        # ||x||² + the above; the expansion can dip below zero
+        dist = (dist + points.square().sum(1, keepdim=True)).clamp_min_(0).numpy()
+        idx = idx.numpy()
+        if second:  # the second smallest of (best, runner-up) and this cell's (first, second)
+            own = dist[:, 1] if dist.shape[1] > 1 else np.inf
+            runner_up[rows] = np.minimum(np.minimum(np.maximum(best[rows], dist[:, 0]), runner_up[rows]), own)
+        better = dist[:, 0] < best[rows]
+        best[rows[better]] = dist[better, 0]
+        index[rows[better]] = idx[better, 0] + lo
+    return index, best, runner_up
+
+
+def _squared_lengths(centroids: np.ndarray) -> torch.Tensor:
+    """||c||² (k,) of every centroid, in slices: squaring them all at once would hold a second (k, d) array
+    (SG: 0.4x the input)."""
+    return torch.cat([part.square().sum(1) for part in torch.from_numpy(centroids).split(_SLICE_ROWS)])
+
+
+def _cell_scores(fit: TwoLevel, x: np.ndarray, probes: np.ndarray, lengths: torch.Tensor):
+    """For each cell and each block of the points of `x` that probe it (`probes` (N, nprobe)): (the points' rows
+    (n,) int64, the cell's first centroid, the points (n, d) as a tensor, their scores (n, cell size)
+    ||c||² - 2 x·c against the cell's centroids). One matmul per block, of at most `_BLOCK_VALUES` scores and
+    point values; `lengths` are the centroids' ||c||²."""
     cells = len(fit.coarse)
     flat = probes.ravel()
     order = np.argsort(flat, kind="stable")
     bounds = np.searchsorted(flat[order], np.arange(cells + 1))
-    best = np.full(len(x), np.inf, dtype=np.float32)
-    runner_up = np.full(len(x), np.inf, dtype=np.float32) if second else None
-    index = np.zeros(len(x), dtype=np.int64)
-    width = probes.shape[1]
     books = torch.from_numpy(fit.centroids)
-    # ||c||² in slices: squaring every centroid at once would hold a second (k, d) array (SG: 0.4x the input)
-    lengths = torch.cat([part.square().sum(1) for part in books.split(_SLICE_ROWS)])
     for j in range(cells):
         lo, hi = int(fit.starts[j]), int(fit.starts[j + 1])
         if lo == hi or bounds[j] == bounds[j + 1]:
             continue
-        members = order[bounds[j]:bounds[j + 1]] // width
+        members = order[bounds[j]:bounds[j + 1]] // probes.shape[1]
         step = max(1, _BLOCK_VALUES // max(hi - lo, x.shape[1]))  # scores and the points' copy both bounded
         for start in range(0, len(members), step):
             rows = members[start:start + step]
             points = torch.from_numpy(x[rows])  # a copy
-            scores = torch.addmm(lengths[lo:hi], points, books[lo:hi].T, alpha=-2)  # ||c||² - 2 x·c
-            if second and hi - lo > 1:
-                dist, idx = scores.topk(2, dim=1, largest=False)
-            else:
-                dist, idx = scores.min(1, keepdim=True)
-            # ||x||² + the above; the expansion can dip below zero
-            dist = (dist + points.square().sum(1, keepdim=True)).clamp_min_(0).numpy()
-            idx = idx.numpy()
-            if second:  # the second smallest of (best, runner-up) and this cell's (first, second)
-                own = dist[:, 1] if dist.shape[1] > 1 else np.inf
-                runner_up[rows] = np.minimum(np.minimum(np.maximum(best[rows], dist[:, 0]), runner_up[rows]), own)
-            better = dist[:, 0] < best[rows]
-            best[rows[better]] = dist[better, 0]
-            index[rows[better]] = idx[better, 0] + lo
-    return index, best, runner_up
+            yield rows, lo, points, torch.addmm(lengths[lo:hi], points, books[lo:hi].T, alpha=-2)
 
 
 def _assign_all(faiss, fit: TwoLevel, x: np.ndarray):
