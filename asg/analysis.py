@@ -29,7 +29,8 @@ def parameter_table(path: str | os.PathLike) -> dict[str, Any]:
         vocab, dim = entry["num_embeddings"], entry["embedding_dim"]
         float32 = vocab * dim * 4
         memory = entry["storage_bytes"]
-        index_on_disk = CompressedEmbedding.from_spec(entry, device="meta").index_bytes_on_disk()
+        empty = CompressedEmbedding.from_spec(entry, device="meta")
+        index_on_disk = empty.index_bytes_on_disk()
         # what format 2 stores (recorded since then); format 1 stored `memory`
         disk = entry.get("disk_bytes", memory - entry["index_bytes"] + index_on_disk)
         row = {
@@ -63,11 +64,9 @@ def parameter_table(path: str | os.PathLike) -> dict[str, Any]:
                 "code_overhead_percent": 100.0 * index_on_disk / float32,  # appendix C: packed codes / float32 table
                 "code_memory_percent": 100.0 * entry["index_bytes"] / float32,
             })
-            keep = entry.get("keep", 0)
-            if keep:  # D int8 values, a scale in the stored precision (float32 as held) and an int32 id each
-                scale = fmt.STORAGE_DTYPES[entry["storage_dtype"]].itemsize if entry.get("storage_dtype") else 4
-                row.update(kept_rows=keep, kept_bytes=keep * (dim + scale + 4),
-                           kept_percent=100.0 * keep * (dim + scale + 4) / float32)
+            if empty.kept_count:
+                kept_bytes = empty.kept_bytes_on_disk()
+                row.update(kept_rows=empty.kept_count, kept_bytes=kept_bytes, kept_percent=100.0 * kept_bytes / float32)
         tables.append(row)
     out = {
         "path": str(path),

@@ -141,19 +141,20 @@ def _running_text(tokenizer, vocab_size: int, langs: list[str]) -> np.ndarray:
                          "(or pip install 'asg[freq]')") from None
     freqs = np.zeros(vocab_size)
 
-    def add(text: str, weight: float) -> None:
-        ids = [i for i in tokenizer(text, add_special_tokens=False)["input_ids"] if 0 <= i < vocab_size]
-        np.add.at(freqs, ids, weight)
+    def add(texts: list[str], weights: list[float]) -> None:  # one batched tokenizer call for all the texts
+        for ids, weight in zip(tokenizer(texts, add_special_tokens=False)["input_ids"], weights):
+            np.add.at(freqs, [i for i in ids if 0 <= i < vocab_size], weight)
 
+    texts, weights = [], []
     for lang in langs:
         for word in wordfreq.top_n_list(lang, WORDS):
             frequency = wordfreq.word_frequency(word, lang) / len(langs)
             for (form, share), text in zip(_FORMS, (word, word, word.capitalize())):
-                add(form.format(text), frequency * share)
+                texts.append(form.format(text))
+                weights.append(frequency * share)
+    add(texts, weights)
     top = freqs.max() if freqs.max() > 0 else 1.0
-    for mark in string.punctuation:
-        add(mark, top * PUNCTUATION_SHARE / 2)
-        add(" " + mark, top * PUNCTUATION_SHARE / 2)
-    for number in range(100):
-        add(f" {number}", top * NUMBER_SHARE)
+    marks = [text for mark in string.punctuation for text in (mark, " " + mark)]
+    add(marks, [top * PUNCTUATION_SHARE / 2] * len(marks))
+    add([f" {number}" for number in range(100)], [top * NUMBER_SHARE] * 100)
     return freqs

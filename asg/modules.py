@@ -171,10 +171,13 @@ class CompressedEmbedding(nn.Module):
     def disk_bytes(self) -> int:
         """Bytes of everything the module saves, as an ASG folder stores them: index tables packed, values
         in `storage_dtype`."""
-        values = sum(t.numel() * (self.storage_dtype.itemsize if self.storage_dtype and t.is_floating_point()
-                                  else t.element_size())
-                     for name, t in self.state_dict().items() if name not in self.index_tables())
+        values = sum(self._stored_size(t) for name, t in self.state_dict().items() if name not in self.index_tables())
         return values + self.index_bytes_on_disk()
+
+    def _stored_size(self, tensor: torch.Tensor) -> int:
+        """Bytes of one saved value tensor as an ASG folder stores it: floating-point ones in `storage_dtype`."""
+        size = self.storage_dtype.itemsize if self.storage_dtype and tensor.is_floating_point() else tensor.element_size()
+        return tensor.numel() * size
 
     def round_to_storage_(self, dtype: torch.dtype | None) -> None:
         """Store values in `dtype` from now on, rounding them to it now, so that files hold them exactly."""
@@ -308,6 +311,12 @@ class ASGEmbedding(CompressedEmbedding):
         ids = self._buffers.get("kept_ids")
         return 0 if ids is None else ids.shape[0]
 
+    def kept_bytes_on_disk(self) -> int:
+        """Bytes of the kept rows as a folder stores them: ids, int8 values and scales (0 without kept rows)."""
+        if not self.kept_count:
+            return 0
+        return sum(self._stored_size(t) for t in (self.kept_ids, self.kept_rows, self.kept_scales))
+
     def kept_weight(self) -> torch.Tensor:
         """The kept rows (n, D) as float32: int8 values times their scales."""
         return self.kept_rows.float() * self.kept_scales.float()[:, None]
@@ -365,13 +374,14 @@ class ASGEmbedding(CompressedEmbedding):
             self.checked_codes()
         except ValueError as err:
             raise ValueError(f"tensor 'codes': {err}") from None
-        ids = self.kept_ids.long() if self.kept_count else torch.zeros(0, dtype=torch.long)
-        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
-            raise ValueError(f"tensor 'kept_ids': ids must lie in 0..{self.num_embeddings - 1}")
-        if len(ids) > 1 and not bool((ids[1:] > ids[:-1]).all()):
-            raise ValueError("tensor 'kept_ids': ids must be strictly increasing")
-        if len(ids) and bool((self.kept_scales < 0).any()):
-            raise ValueError("tensor 'kept_scales': scales must not be negative")
+        if self.kept_count:
+            ids = self.kept_ids.long()
+            if int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings:
+                raise ValueError(f"tensor 'kept_ids': ids must lie in 0..{self.num_embeddings - 1}")
+            if not bool((ids[1:] > ids[:-1]).all()):
+                raise ValueError("tensor 'kept_ids': ids must be strictly increasing")
+            if bool((self.kept_scales < 0).any()):
+                raise ValueError("tensor 'kept_scales': scales must not be negative")
         super().validate()
 
     def _offsets(self) -> torch.Tensor:

@@ -25,6 +25,7 @@ from .config import ASGConfig
 from .fidelity import ReferenceOutputs, fidelity, is_generative
 from .format import NORM_MODES, STORAGE_DTYPES
 from .frequency import token_ranking
+from .methods import largest
 from .modules import ASGEmbedding
 from .surgery import compress
 
@@ -84,21 +85,14 @@ def candidates(vocab_size: int, dim: int, *, budget: float, by: str = "params", 
             if best is None:
                 continue
             trials.append(best)
-            keep = _most(lambda n: fits(dataclasses.replace(best.config, keep=n))[0], vocab_size) if fill_keep else 0
+            # a step cost (0 while the kept rows fit, 1 beyond) is non-decreasing in their number
+            keep = largest(lambda n: 0 if fits(dataclasses.replace(best.config, keep=n))[0] else 1, 0, vocab_size,
+                           0) if fill_keep else 0
             if keep:
                 config = dataclasses.replace(best.config, keep=keep)
                 _, params, size = fits(config)
                 trials.append(Trial(config, 100 * params, 100 * size))
     return trials
-
-
-def _most(allowed: Callable[[int], bool], limit: int) -> int:
-    """The largest n in 0..limit with allowed(n), for an `allowed` that holds up to some n and not beyond."""
-    low, high = 0, limit
-    while low < high:
-        middle = (low + high + 1) // 2
-        low, high = (middle, high) if allowed(middle) else (low, middle - 1)
-    return low
 
 
 def _cost(config: ASGConfig, vocab_size: int, dim: int) -> tuple[float, float]:
