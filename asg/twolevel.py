@@ -1,18 +1,18 @@
 """Two-level k-means for large k (thousands of centroids and more), on faiss.
 
 Exact k-means scores every point against every centroid at every iteration: O(points · k · d). For
-mT5's shared k=32,768 or SG's 100,000 groups that is hours on a laptop-class CPU. Here k-means runs
-twice at small k instead:
+mT5's shared k=32,768 or SG's 100,000 groups that is hours on a laptop-class CPU. Here cells split the work:
 
 1. coarse: `c ≈ √k` cells by exact k-means on the training points;
-2. fine: inside each cell, exact k-means with the cell's share of the k centroids (by mass × spread^p, p
-   chosen by a pilot fit on a tenth of the points);
+2. fine: where centroids get many points each, exact k-means inside each cell with the cell's share of the k
+   centroids (by mass × spread^p, p chosen by pilot fits on a tenth of the points); where they get few
+   (`SAMPLE_MAX_POINTS`), k training points drawn at random (as exact k-means starts);
 3. refinement: Lloyd iterations over all cells at once. Where cells are probed (wide rows), one wide search
    first keeps each point's `CANDIDATES` nearest centroids among its `WIDE_NPROBE` nearest cells (an
    inverted-file search done as one matmul per cell), and every later pass scores each point against its
    candidates only, so that points near a cell border can move to the centroid that is really nearest at a
    small cost per pass;
-4. relocation: the fine fits fix how many centroids each cell gets, and Lloyd iterations cannot move a
+4. relocation: per-cell fits fix how many centroids each cell gets, and Lloyd iterations cannot move a
    centroid far, so centroids whose removal costs least move to split the clusters that gain most, up to a
    tenth of k per round, each round kept only where it lowered the error and followed by Lloyd iterations.
    It runs where points probe cells; where one flat search of all centroids is no slower (low-dimensional
@@ -51,9 +51,21 @@ FLAT_PREFERENCE = 2.0
 #: to 0.49%, 8 to 0.40%, at 0.6 s each).
 REFINE_ITERS = 8
 REFINE_ITERS_FLAT = 4
-#: Exponents p of a cell's allocation weight, mass · spread^p, that the pilot fit compares (the first wins ties
-#: and is used where the data are too few for a pilot).
-SPREAD_POWERS = (1.0, 2.0)
+#: How the fine centroids start where centroids get many points each: exact k-means inside each cell, the cell given
+#: centroids by mass · spread^p, p = 1 or 2 (`_POWERS`), whichever the pilot fits measure to be better (the first
+#: wins ties and is used where the data are too few for a pilot). p=2 took SG of Gemma 3's rows from 2.98% to 1.86%
+#: above exact k-means; on isotropic data p changes nothing, and p=3 was worse on a shared codebook.
+STARTS = ("spread", "spread2")
+_POWERS = {"spread": 1.0, "spread2": 2.0}
+#: Where the training points are at most this many per centroid, the fine centroids start instead as k training
+#: points drawn at random ("sample", as exact k-means starts), each point then scored against the nearest of them
+#: among its candidates, across cell borders: a cluster of a few points is a few near neighbours, which per-cell fits
+#: miss where a cell border falls between them. On 25,000 of Gemma 3's normalised rows the sampled start was 2.4%,
+#: 1.0% and 0.2% lower in error at 2.5, 5 and 10 points a centroid and 0.3% higher at 20 (isotropic random rows:
+#: lower at 2.5-20; 80 columns of Gemma's rows at 24: 1.7% higher). SG (2.5 a centroid) of 250,002 random rows of
+#: 768 values: 0.69% above exact k-means instead of 1.64%. Pilot fits (a tenth of the points into a tenth of k) did
+#: not predict this choice: on Gemma's rows at 2.5 they preferred per-cell fits.
+SAMPLE_MAX_POINTS = 10
 PILOT_FRACTION = 0.1  # of the points and of k, in the pilot fits
 PILOT_MIN_POINTS = 1_000
 _PILOT_WORK = PILOT_FRACTION ** 1.5  # a pilot's work against the fit's: a tenth of the points, cells √10 smaller
@@ -85,14 +97,14 @@ _GATHER_VALUES = 1 << 20  # values of the candidates gathered for scoring at onc
 
 class TwoLevel(NamedTuple):
     """Fine centroids (k, d) grouped by cell, the coarse centroids (c, d), where each cell's fine centroids
-    start (c + 1,) in `centroids`, the exponent p of the allocation weight mass · spread^p it used, the
+    start (c + 1,) in `centroids`, how they started (of `STARTS`), the
     cells each point not trained on is scored against (`nprobe`; 0: every centroid, one flat search), and
     where cells are probed, the centroids each training point is scored against (N, CANDIDATES) int32."""
 
     centroids: np.ndarray
     coarse: np.ndarray
     starts: np.ndarray
-    spread_power: float = SPREAD_POWERS[0]
+    start: str = STARTS[0]
     nprobe: int = NPROBE
     candidates: np.ndarray | None = None
 
@@ -102,38 +114,72 @@ def kmeans(faiss, kmeans_exact, x: np.ndarray, k: int, niter: int, seed: int, we
     weights, bar)` is the exact k-means it runs at small k (it advances `bar` by one per iteration; the
     fine fits advance it by their share, so that the bar counts `units(niter)` for the whole fit)."""
     pilot_bar = _Scaled(bar, _PILOT_WORK)
-    power = spread_power(faiss, kmeans_exact, x, k, niter, seed, weights, pilot_bar)
+    if len(x) <= SAMPLE_MAX_POINTS * k:
+        start = "sample"
+    else:
+        start = choose_start(faiss, kmeans_exact, x, k, niter, seed, weights, pilot_bar)
     bar.update(_pilot_units(niter) - pilot_bar.done)  # the pilot's whole share, also where it was skipped
-    return _kmeans(faiss, kmeans_exact, x, k, niter, seed, weights, bar, power)
+    return _kmeans(faiss, kmeans_exact, x, k, niter, seed, weights, bar, start)
 
 
-def spread_power(faiss, kmeans_exact, x: np.ndarray, k: int, niter: int, seed: int, weights, bar=None) -> float:
-    """The exponent p of the allocation weight mass · spread^p (of `SPREAD_POWERS`) whose two-level fit of a
-    random tenth of the points into a tenth of the k centroids leaves the smaller error (the first unless
-    another is better by `PILOT_MARGIN`). How much a cell's spread should count depends on the data: on
-    Gemma 3's normalised rows (SG) p=2 took the error from 2.98% to 1.86% above exact k-means, on isotropic
-    data every cell has the same spread and p changes nothing, and p=3 was worse on a shared codebook; so it
-    is measured on each fit (two fits of a tenth of the points and of k)."""
+def choose_start(faiss, kmeans_exact, x: np.ndarray, k: int, niter: int, seed: int, weights, bar=None) -> str:
+    """The start (of `STARTS`) whose two-level fit of a random tenth of the points into a tenth of the k centroids
+    leaves the smallest error (the first unless another is better by `PILOT_MARGIN`). How much a cell's spread should
+    count depends on the data (on isotropic data every cell has the same spread), so it is measured on each fit: one
+    pilot per start, each a tenth of the points and of k."""
     count, pilot_k = int(len(x) * PILOT_FRACTION), int(k * PILOT_FRACTION)
-    if count < PILOT_MIN_POINTS or pilot_k < 4 or len(SPREAD_POWERS) == 1:
-        return SPREAD_POWERS[0]
+    if count < PILOT_MIN_POINTS or pilot_k < 4 or len(STARTS) == 1:
+        return STARTS[0]
     rows = np.sort(np.random.default_rng(seed).choice(len(x), count, replace=False))
     sample = np.ascontiguousarray(x[rows])
     w = None if weights is None else weights[rows]
     errors = []
-    for power in SPREAD_POWERS:
-        fit = _kmeans(faiss, kmeans_exact, sample, pilot_k, niter, seed, w, bar or _Scaled(None, 0), power)
+    for start in STARTS:
+        fit = _kmeans(faiss, kmeans_exact, sample, pilot_k, niter, seed, w, bar or _Scaled(None, 0), start)
         squared = _squared_distances(sample, fit.centroids, training_codes(faiss, fit, sample))
         errors.append(float(squared @ w) if w is not None else float(squared.sum()))
     best = int(np.argmin(errors))
-    return SPREAD_POWERS[best] if errors[best] < (1 - PILOT_MARGIN) * errors[0] else SPREAD_POWERS[0]
+    return STARTS[best] if errors[best] < (1 - PILOT_MARGIN) * errors[0] else STARTS[0]
 
 
-def _kmeans(faiss, kmeans_exact, x: np.ndarray, k: int, niter: int, seed: int, weights, bar, power: float) -> TwoLevel:
-    """`kmeans` with the allocation weight mass · spread^`power`."""
-    num, dim = x.shape
+def _kmeans(faiss, kmeans_exact, x: np.ndarray, k: int, niter: int, seed: int, weights, bar, start: str) -> TwoLevel:
+    """`kmeans` from the start `start` (of `STARTS`, or "sample")."""
     cells = int(min(max(2, round(k ** 0.5)), k // 2))
     coarse, _ = kmeans_exact(faiss, x, cells, niter, seed, weights, bar)
+    if start == "sample":
+        fit = _sampled(faiss, coarse, x, k, seed)
+        bar.update(niter)  # the per-cell fits' share
+    else:
+        fit = _per_cell(faiss, kmeans_exact, coarse, x, k, niter, seed, weights, bar, _POWERS[start])
+    fit = fit._replace(start=start, nprobe=_nprobe(faiss, fit, x, seed))
+    if fit.nprobe:
+        fit = fit._replace(candidates=_candidates(faiss, fit, x))
+    bar.update()
+    # exact Lloyd iterations after per-cell fits need few passes; from sampled points they are the whole fit
+    passes = REFINE_ITERS if fit.nprobe or start == "sample" else REFINE_ITERS_FLAT
+    for _ in range(passes):
+        fit = _lloyd(faiss, fit, x, weights)
+        bar.update()
+    bar.update(REFINE_ITERS - passes)
+    # Relocation moves centroids between cells, which probed Lloyd iterations cannot; where every pass searches all
+    # centroids it gained 0.2% in error for 2.2x the time (8,192 centroids of 16 values), so it runs where cells probe.
+    ran, moved = 0, True
+    while moved and ran < (RELOCATE_ROUNDS if fit.nprobe else 0):
+        fit, moved = _relocate(faiss, fit, x, weights, bar)  # here, so that the fit it replaced is freed
+        for _ in range(RELOCATE_ITERS - 1 if moved else 0):
+            fit = _lloyd(faiss, fit, x, weights)
+            bar.update()
+        ran += 1
+    bar.update((RELOCATE_ROUNDS - ran) * (2 + RELOCATE_ITERS))  # the rounds not run
+    return fit
+
+
+def _per_cell(faiss, kmeans_exact, coarse: np.ndarray, x: np.ndarray, k: int, niter: int, seed: int, weights, bar,
+              power: float) -> TwoLevel:
+    """The fine centroids by exact k-means inside each cell of `coarse`, each cell given centroids by its mass ·
+    spread^`power`; advances `bar` by `niter` in all."""
+    num, dim = x.shape
+    cells = len(coarse)
     cell = _cells(faiss, coarse, x)
     counts = np.bincount(cell, minlength=cells)
     mass = np.bincount(cell, weights=weights, minlength=cells).astype(np.float64)
@@ -161,27 +207,16 @@ def _kmeans(faiss, kmeans_exact, x: np.ndarray, k: int, niter: int, seed: int, w
             centroids[starts[j]:starts[j + 1]], _ = kmeans_exact(faiss, points, int(share[j]), niter, seed + 1 + j, w,
                                                                  fine_bar)
     del order, bounds, cell  # every array of the size of x counts in the peak
-    fit = TwoLevel(centroids, coarse, starts, power)
-    fit = fit._replace(nprobe=_nprobe(faiss, fit, x, seed))
-    if fit.nprobe:
-        fit = fit._replace(candidates=_candidates(faiss, fit, x))
-    bar.update()
-    passes = REFINE_ITERS if fit.nprobe else REFINE_ITERS_FLAT
-    for _ in range(passes):
-        fit = _lloyd(faiss, fit, x, weights)
-        bar.update()
-    bar.update(REFINE_ITERS - passes)
-    # Relocation moves centroids between cells, which probed Lloyd iterations cannot; where every pass searches all
-    # centroids it gained 0.2% in error for 2.2x the time (8,192 centroids of 16 values), so it runs where cells probe.
-    ran, moved = 0, True
-    while moved and ran < (RELOCATE_ROUNDS if fit.nprobe else 0):
-        fit, moved = _relocate(faiss, fit, x, weights, bar)  # here, so that the fit it replaced is freed
-        for _ in range(RELOCATE_ITERS - 1 if moved else 0):
-            fit = _lloyd(faiss, fit, x, weights)
-            bar.update()
-        ran += 1
-    bar.update((RELOCATE_ROUNDS - ran) * (2 + RELOCATE_ITERS))  # the rounds not run
-    return fit
+    return TwoLevel(centroids, coarse, starts)
+
+
+def _sampled(faiss, coarse: np.ndarray, x: np.ndarray, k: int, seed: int) -> TwoLevel:
+    """k distinct points of `x` drawn at random as the fine centroids, grouped by their nearest cell of `coarse`."""
+    chosen = np.sort(np.random.default_rng(seed).choice(len(x), k, replace=False))
+    cell = _cells(faiss, coarse, x)[chosen]  # the cells of all points: x[chosen] would be a second copy of the centroids
+    order = np.argsort(cell, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(np.bincount(cell, minlength=len(coarse)))])
+    return TwoLevel(np.ascontiguousarray(x[chosen[order]]), coarse, starts)
 
 
 def _relocate(faiss, fit: TwoLevel, x: np.ndarray, weights, bar) -> tuple[TwoLevel, bool]:
@@ -281,7 +316,7 @@ def _fit_units(niter: int) -> float:
 
 
 def _pilot_units(niter: int) -> float:
-    return _fit_units(niter) * _PILOT_WORK * len(SPREAD_POWERS) if len(SPREAD_POWERS) > 1 else 0.0
+    return _fit_units(niter) * _PILOT_WORK * len(STARTS) if len(STARTS) > 1 else 0.0
 
 
 def assign(faiss, fit: TwoLevel, x: np.ndarray, nprobe: int | None = None) -> np.ndarray:

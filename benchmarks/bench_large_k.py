@@ -86,12 +86,12 @@ def run_one(case: str, rows: int | None, kmeans: str, args) -> dict:
 
     from asg import pq, twolevel
 
-    powers, probes = [], []  # what each two-level fit chose: its allocation (by its pilot) and its probed cells
+    starts, probes = [], []  # what each two-level fit chose: its start (by its pilots) and its probed cells
     fit_two_level = twolevel.kmeans
 
     def recording(*positional, **named):
         result = fit_two_level(*positional, **named)
-        powers.append(result.spread_power)
+        starts.append(result.start)
         probes.append(result.nprobe)
         return result
 
@@ -105,7 +105,7 @@ def run_one(case: str, rows: int | None, kmeans: str, args) -> dict:
     return {"case": case, "rows": rows, "columns": x.shape[1], "k": k, "kmeans": kmeans, "seconds": seconds,
             "two_level": pq.two_level(rows * m if codebook == "shared" else rows, k, x.shape[1] // m, args.niter, kmeans),
             "peak_ratio": (x.nbytes + max(0, peak - before)) / x.nbytes, "error": error, "digest": digest(x),
-            "spread_powers": sorted(set(powers)), "nprobes": sorted(set(probes))}
+            "starts": sorted(set(starts)), "nprobes": sorted(set(probes))}
 
 
 def run_one_gpu(case: str, x: np.ndarray, k: int, m: int, codebook: str, args) -> dict:
@@ -140,8 +140,8 @@ def spawn(case: str, rows: int | None, kmeans: str, args) -> dict:
            "--niter", str(args.niter), "--device", args.device] + (["--table", args.table] if args.table else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    chosen = (f", cells by mass x spread^{result['spread_powers']}, probing {result['nprobes']} cells (0: all centroids)"
-              if result.get("spread_powers") else "")
+    chosen = (f", start {result['starts']}, probing {result['nprobes']} cells (0: all centroids)"
+              if result.get("starts") else "")
     print(f"  {case} rows={result['rows']} {kmeans}: {result['seconds']:.1f} s, error {result['error']:.5f}{chosen}",
           file=sys.stderr)
     return result
