@@ -182,7 +182,7 @@ def _fit_faiss(x: np.ndarray, k, m, codebook, niter, seed, progress, desc, weigh
     per_fit = twolevel.units(niter) if fast else niter
     if codebook == "shared":
         pooled = x.reshape(num_rows * m, sub)
-        with tqdm(total=per_fit + 1, desc=f"{desc} (shared, {label})", unit="iter", disable=not progress) as bar:
+        with _Progress(per_fit + 1, desc=f"{desc} (shared, {label})", disable=not progress) as bar:
             sample = _training_sample(len(pooled), k, seed)
             train = pooled if len(sample) == len(pooled) else pooled[sample]
             train_weights = None if weights is None else np.repeat(weights, m)[sample]
@@ -196,7 +196,7 @@ def _fit_faiss(x: np.ndarray, k, m, codebook, niter, seed, progress, desc, weigh
 
     codebooks = np.empty((m if m > 1 else 0, k, sub), dtype=np.float32)
     codes = np.empty((num_rows, m), dtype=code_dtype(k))
-    with tqdm(total=m * per_fit, desc=f"{desc} ({label})", unit="iter", disable=not progress) as bar:
+    with _Progress(m * per_fit, desc=f"{desc} ({label})", disable=not progress) as bar:
         for i in range(m):
             bar.set_postfix_str(f"segment {i + 1}/{m}")
             segment = np.ascontiguousarray(x[:, i * sub : (i + 1) * sub])
@@ -211,6 +211,20 @@ def _fit_faiss(x: np.ndarray, k, m, codebook, niter, seed, progress, desc, weigh
             else:
                 codebooks[i] = assign.centroids
     return PQFit(codebooks, codes)
+
+
+class _Progress(tqdm):
+    """A fit's progress bar in iterations. Two-level fits advance it by fractional shares of one: then it shows
+    the percentage and the time left instead of fractional counts, and rounding never takes it past its total
+    (which would show a negative time left)."""
+
+    def __init__(self, total: float, **options) -> None:
+        if not float(total).is_integer():
+            options["bar_format"] = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]"
+        super().__init__(total=total, unit="iter", **options)
+
+    def update(self, n: float = 1) -> bool | None:
+        return super().update(max(0.0, min(n, self.total - self.n)))
 
 
 class _Assign(NamedTuple):

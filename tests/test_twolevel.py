@@ -1,5 +1,8 @@
 """Two-level k-means (asg.twolevel) and its use by pq.fit for large k."""
 
+import io
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -319,3 +322,16 @@ def test_relocation_keeps_candidates_numbered_with_their_centroids(monkeypatch):
     assert not did and same is fit
     np.testing.assert_array_equal(fit.centroids, centroids)
     np.testing.assert_array_equal(fit.candidates, candidates)
+
+
+def test_the_progress_bar_shows_percentages_and_never_passes_its_total(capsys):
+    x = _clustered(num=6000, dim=16, seed=3)
+    pq.fit(x, 512, 2, kmeans="two-level", niter=5, progress=True)
+    shown = capsys.readouterr().err.replace("\r", "\n")
+    assert "100%" in shown and "segment 2/2" in shown
+    assert "<-" not in shown  # a negative time left: the bar past its total
+    assert not re.search(r"\d\.\d{3,}/", shown)  # no fractional counts of the shares two-level fits advance by
+    bar = pq._Progress(2.5, file=io.StringIO())
+    for _ in range(4):
+        bar.update(1.0000001)
+    assert bar.n == 2.5
