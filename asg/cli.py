@@ -100,8 +100,9 @@ def compress(
         None, "--keep-by", help="ASG: how --keep ranks tokens: wordfreq (default), wordfreq:LANG[,LANG], or a counts "
                                 "file (token<TAB>count per line, or JSON)."),
     auto: Optional[bool] = typer.Option(
-        None, "--auto/--no-auto", help="ASG: choose k, m and the norm mode by measuring candidates within --budget "
-                                       "(default 1% of the parameters) on text, and print what was tried. Default: on "
+        None, "--auto/--no-auto", help="ASG: choose k, m, the norm mode, kept rows and frequency-weighted k-means "
+                                       "by measuring candidates within --budget (default 1% of the parameters) on "
+                                       "text, and print what was tried (--weights: only that weighting). Default: on "
                                        "for generative models given neither --k nor --m."),
     max_bytes: Optional[str] = typer.Option(None, "--max-bytes", help="--auto: also at most this share of the float32 "
                                                                       "table's bytes on disk, e.g. 10%."),

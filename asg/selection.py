@@ -5,7 +5,9 @@ with every norm mode; each is fitted on a copy of the model and scored on text a
 next-token KL for generative models (lower is better), mean cosine of sentence embeddings for
 encoders (higher is better). Where k leaves room in the budget, each also runs with kept rows
 (`ASGConfig.keep`): the most frequent tokens' rows in int8, as many as the room holds. The fit is
-shared by the norm modes and kept-row variants of one (k, m). With a target
+shared by the norm modes and kept-row variants of one (k, m). The best (k, m) is then fitted once more
+with k-means weighted by token frequency (`ASGConfig.weights`, from the kept rows' source) and its
+variants scored again: weighting costs no bytes, and whether it helps is measured. With a target
 (`max_kl`, `target_ppl_ratio` or `min_cosine`) the smallest candidate that meets it wins; without
 one, the best score within the budget.
 """
@@ -45,7 +47,8 @@ class Trial:
     @property
     def label(self) -> str:
         keep = f", keep={self.config.keep}" if self.config.keep else ""
-        return f"k={self.config.k}, m={self.config.m}, norms={self.config.norms or 'none'}{keep}"
+        weights = f", weights={self.config.weights}" if isinstance(self.config.weights, str) else ""
+        return f"k={self.config.k}, m={self.config.m}, norms={self.config.norms or 'none'}{keep}{weights}"
 
 
 @dataclass
@@ -105,10 +108,12 @@ def _cost(config: ASGConfig, vocab_size: int, dim: int) -> tuple[float, float]:
 def select(model, tokenizer, texts: list[str], *, budget: float = 0.01, by: str = "params",
            max_bytes: float | None = None, widths=WIDTHS, norm_modes=NORM_MODES, max_kl: float | None = None,
            target_ppl_ratio: float | None = None, min_cosine: float | None = None,
-           report: Callable[[str], None] | None = None, progress: bool = False, **fit_options) -> Selection:
+           report: Callable[[str], None] | None = None, progress: bool = False, weigh: bool = True,
+           **fit_options) -> Selection:
     """Fit and score every candidate on a copy of `model` (left unchanged) and choose one; `report`
     receives a line per trial as it finishes, with the time left; `progress` shows each fit and
-    measurement as it runs."""
+    measurement as it runs; `weigh` tries the leading (k, m) with frequency-weighted k-means too (unless
+    `fit_options` set weights)."""
     dim = model.get_input_embeddings().weight.shape[1]
     vocab_size = model.get_input_embeddings().weight.shape[0]
     base_keep = fit_options.get("keep", 0)  # the user's own kept rows, in every candidate
@@ -126,27 +131,54 @@ def select(model, tokenizer, texts: list[str], *, budget: float = 0.01, by: str 
         raise ValueError(f"no ASG setting fits {budget:.2%} of the table's {by}{cap} at concept widths "
                          f"{list(widths)}; raise --budget")
     generative = is_generative(model)
-    cache = ReferenceOutputs()  # the original's outputs, computed once for all trials
-    fitted: tuple[tuple[int, int], Any, float] | None = None  # the last (k, m), fitted without norms; seconds
-    start = time.perf_counter()
-    for done, trial in enumerate(trials, start=1):
-        key = (trial.config.k, trial.config.m)
-        if fitted is None or fitted[0] != key:  # the variants of one (k, m) follow each other
-            fitted = None  # one compressed copy at a time
-            candidate = copy.deepcopy(model)
-            began = time.perf_counter()
-            compress(candidate, dataclasses.replace(trial.config, norms=None, keep=base_keep), tokenizer=tokenizer,
-                     progress=progress)
-            fitted = (key, candidate, time.perf_counter() - began)
-        trial.fit_seconds = fitted[2]
-        kept = ranking[:trial.config.keep] if trial.config.keep != base_keep else None
-        scored = _variant(fitted[1], model, trial.config.norms, kept)
-        trial.scores = fidelity(scored, model, tokenizer, texts, progress=progress, cache=cache)
-        if report is not None:
-            left = (time.perf_counter() - start) / done * (len(trials) - done)
-            report(f"[{done}/{len(trials)}] {trial.label}: {_score_text(trial, generative)} "
-                   f"(about {left / 60:.0f} min left)")
+    measure = _Measure(model, tokenizer, texts, ranking, base_keep, generative, report, progress)
+    measure(trials)
+    if weigh and fit_options.get("weights") is None:
+        # the leader's (k, m) with frequency-weighted k-means, in each of its variants (the same bytes)
+        lead = _choose(trials, generative, max_kl, target_ppl_ratio, min_cosine).best.config
+        source = fit_options.get("keep_by", "wordfreq")
+        weighted = [dataclasses.replace(trial, config=dataclasses.replace(trial.config, weights=source), scores={})
+                    for trial in trials if (trial.config.k, trial.config.m) == (lead.k, lead.m)]
+        try:
+            measure(weighted)
+            trials = trials + weighted
+        except ValueError as err:
+            if report is not None:
+                report(f"not trying frequency-weighted k-means: {err}")
     return _choose(trials, generative, max_kl, target_ppl_ratio, min_cosine)
+
+
+class _Measure:
+    """Fits and scores trials against the original model: one fit per (k, m, weights), shared by the norm modes
+    and kept-row variants that follow it; the original's outputs computed once for all."""
+
+    def __init__(self, model, tokenizer, texts, ranking, base_keep, generative, report, progress) -> None:
+        self.model, self.tokenizer, self.texts, self.ranking = model, tokenizer, texts, ranking
+        self.base_keep, self.generative, self.report, self.progress = base_keep, generative, report, progress
+        self.cache = ReferenceOutputs()
+
+    def __call__(self, trials: list[Trial]) -> None:
+        fitted: tuple[tuple, Any, float] | None = None  # the last (k, m, weights), fitted without norms; seconds
+        start = time.perf_counter()
+        for done, trial in enumerate(trials, start=1):
+            weights = trial.config.weights
+            key = (trial.config.k, trial.config.m, weights if weights is None or isinstance(weights, str) else id(weights))
+            if fitted is None or fitted[0] != key:  # the variants of one fit follow each other
+                fitted = None  # one compressed copy at a time
+                candidate = copy.deepcopy(self.model)
+                began = time.perf_counter()
+                compress(candidate, dataclasses.replace(trial.config, norms=None, keep=self.base_keep),
+                         tokenizer=self.tokenizer, progress=self.progress)
+                fitted = (key, candidate, time.perf_counter() - began)
+            trial.fit_seconds = fitted[2]
+            kept = self.ranking[:trial.config.keep] if trial.config.keep != self.base_keep else None
+            scored = _variant(fitted[1], self.model, trial.config.norms, kept)
+            trial.scores = fidelity(scored, self.model, self.tokenizer, self.texts, progress=self.progress,
+                                    cache=self.cache)
+            if self.report is not None:
+                left = (time.perf_counter() - start) / done * (len(trials) - done)
+                self.report(f"[{done}/{len(trials)}] {trial.label}: {_score_text(trial, self.generative)} "
+                            f"(about {left / 60:.0f} min left)")
 
 
 def _variant(compressed, reference, mode, kept):

@@ -64,8 +64,13 @@ def test_the_norm_modes_share_one_fit_and_measure_what_compressing_with_them_giv
     tokenizer.pad_token = tokenizer.pad_token or "[PAD]"
     texts = sentences()
     result = selection.select(model, tokenizer, texts, budget=0.4, widths=(4,))
-    assert [t.config.norms for t in result.trials] == [None, None, "row", "row", "scalar", "scalar"]
-    assert [bool(t.config.keep) for t in result.trials] == [False, True] * 3
+    # each norm mode, without and with kept rows; then the same six on the frequency-weighted fit
+    assert [t.config.norms for t in result.trials] == [None, None, "row", "row", "scalar", "scalar"] * 2
+    assert [bool(t.config.keep) for t in result.trials] == [False, True] * 6
+    assert [t.config.weights for t in result.trials] == [None] * 6 + ["wordfreq"] * 6
+    assert "weights=wordfreq" in result.trials[-1].label and "weights" not in result.trials[0].label
+    fits = [t.fit_seconds for t in result.trials]
+    assert len(set(fits[:6])) == 1 and len(set(fits[6:])) == 1 and fits[0] != fits[6]  # two fits, one each
     for trial in result.trials:
         direct = copy.deepcopy(model)
         asg.compress(direct, trial.config, tokenizer=tokenizer, progress=False)
@@ -84,6 +89,8 @@ def test_kept_rows_are_not_tried_when_the_tokens_cannot_be_ranked(gpt2_dir, tmp_
                               keep_by=str(tmp_path / "missing.tsv"), report=lines.append)
     assert [t.config.keep for t in result.trials] == [0]
     assert lines[0].startswith("not trying kept rows:") and "missing.tsv does not exist" in lines[0]
+    assert [line for line in lines if line.startswith("not trying frequency-weighted k-means:")]
+    assert [t.config.weights for t in result.trials] == [None]
 
 
 def test_a_target_picks_the_smallest_setting_that_reaches_it_or_says_none_does(gpt2_dir):
