@@ -161,7 +161,7 @@ class _Measure:
         fitted: tuple[tuple, Any, float] | None = None  # the last (k, m, weights), fitted without norms; seconds
         start = time.perf_counter()
         for done, trial in enumerate(trials, start=1):
-            weights = trial.config.weights
+            weights = trial.config.weights  # a source's name, or an array (compared by identity)
             key = (trial.config.k, trial.config.m, weights if weights is None or isinstance(weights, str) else id(weights))
             if fitted is None or fitted[0] != key:  # the variants of one fit follow each other
                 fitted = None  # one compressed copy at a time

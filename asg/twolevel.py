@@ -63,7 +63,7 @@ _POWERS = {"spread": 1.0, "spread2": 2.0}
 #: miss where a cell border falls between them. On 25,000 of Gemma 3's normalised rows the sampled start was 2.4%,
 #: 1.0% and 0.2% lower in error at 2.5, 5 and 10 points a centroid and 0.3% higher at 20 (isotropic random rows:
 #: lower at 2.5-20; 80 columns of Gemma's rows at 24: 1.7% higher). SG (2.5 a centroid) of 250,002 random rows of
-#: 768 values: 0.69% above exact k-means instead of 1.64%. Pilot fits (a tenth of the points into a tenth of k) did
+#: 768 values: 0.71% above exact k-means instead of 1.64%. Pilot fits (a tenth of the points into a tenth of k) did
 #: not predict this choice: on Gemma's rows at 2.5 they preferred per-cell fits.
 SAMPLE_MAX_POINTS = 10
 PILOT_FRACTION = 0.1  # of the points and of k, in the pilot fits
@@ -97,7 +97,7 @@ _GATHER_VALUES = 1 << 20  # values of the candidates gathered for scoring at onc
 
 class TwoLevel(NamedTuple):
     """Fine centroids (k, d) grouped by cell, the coarse centroids (c, d), where each cell's fine centroids
-    start (c + 1,) in `centroids`, how they started (of `STARTS`), the
+    start (c + 1,) in `centroids`, how they started (of `STARTS`, or "sample"), the
     cells each point not trained on is scored against (`nprobe`; 0: every centroid, one flat search), and
     where cells are probed, the centroids each training point is scored against (N, CANDIDATES) int32."""
 
