@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -131,14 +132,19 @@ def select(model, tokenizer, texts: list[str], *, budget: float = 0.01, by: str 
         raise ValueError(f"no ASG setting fits {budget:.2%} of the table's {by}{cap} at concept widths "
                          f"{list(widths)}; raise --budget")
     generative = is_generative(model)
-    measure = _Measure(model, tokenizer, texts, ranking, base_keep, generative, report, progress)
+    weigh = weigh and fit_options.get("weights") is None
+    # the weighted stage repeats one (k, m)'s variants: counted from the start, so the time left covers it
+    later = max(Counter((trial.config.k, trial.config.m) for trial in trials).values()) if weigh else 0
+    measure = _Measure(model, tokenizer, texts, ranking, base_keep, generative, report, progress,
+                       total=len(trials) + later)
     measure(trials)
-    if weigh and fit_options.get("weights") is None:
+    if weigh:
         # the leader's (k, m) with frequency-weighted k-means, in each of its variants (the same bytes)
         lead = _choose(trials, generative, max_kl, target_ppl_ratio, min_cosine).best.config
         source = fit_options.get("keep_by", "wordfreq")
         weighted = [dataclasses.replace(trial, config=dataclasses.replace(trial.config, weights=source), scores={})
                     for trial in trials if (trial.config.k, trial.config.m) == (lead.k, lead.m)]
+        measure.total = measure.done + len(weighted)
         try:
             measure(weighted)
             trials = trials + weighted
@@ -152,15 +158,17 @@ class _Measure:
     """Fits and scores trials against the original model: one fit per (k, m, weights), shared by the norm modes
     and kept-row variants that follow it; the original's outputs computed once for all."""
 
-    def __init__(self, model, tokenizer, texts, ranking, base_keep, generative, report, progress) -> None:
+    def __init__(self, model, tokenizer, texts, ranking, base_keep, generative, report, progress, total) -> None:
         self.model, self.tokenizer, self.texts, self.ranking = model, tokenizer, texts, ranking
         self.base_keep, self.generative, self.report, self.progress = base_keep, generative, report, progress
         self.cache = ReferenceOutputs()
+        self.total = total  # trials in all stages, for the count and the time left in each report line
+        self.done = 0
+        self.start = time.perf_counter()
 
     def __call__(self, trials: list[Trial]) -> None:
         fitted: tuple[tuple, Any, float] | None = None  # the last (k, m, weights), fitted without norms; seconds
-        start = time.perf_counter()
-        for done, trial in enumerate(trials, start=1):
+        for trial in trials:
             weights = trial.config.weights  # a source's name, or an array (compared by identity)
             key = (trial.config.k, trial.config.m, weights if weights is None or isinstance(weights, str) else id(weights))
             if fitted is None or fitted[0] != key:  # the variants of one fit follow each other
@@ -175,9 +183,10 @@ class _Measure:
             scored = _variant(fitted[1], self.model, trial.config.norms, kept)
             trial.scores = fidelity(scored, self.model, self.tokenizer, self.texts, progress=self.progress,
                                     cache=self.cache)
+            self.done += 1
             if self.report is not None:
-                left = (time.perf_counter() - start) / done * (len(trials) - done)
-                self.report(f"[{done}/{len(trials)}] {trial.label}: {_score_text(trial, self.generative)} "
+                left = (time.perf_counter() - self.start) / self.done * max(self.total - self.done, 0)
+                self.report(f"[{self.done}/{self.total}] {trial.label}: {_score_text(trial, self.generative)} "
                             f"(about {left / 60:.0f} min left)")
 
 

@@ -63,7 +63,11 @@ def test_the_norm_modes_share_one_fit_and_measure_what_compressing_with_them_giv
     tokenizer = tf.AutoTokenizer.from_pretrained(gpt2_dir)
     tokenizer.pad_token = tokenizer.pad_token or "[PAD]"
     texts = sentences()
-    result = selection.select(model, tokenizer, texts, budget=0.4, widths=(4,))
+    lines = []
+    result = selection.select(model, tokenizer, texts, budget=0.4, widths=(4,), report=lines.append)
+    # the count and the time left cover the weighted stage from the first line on
+    assert [line.split("]")[0] for line in lines] == [f"[{n}/12" for n in range(1, 13)]
+    assert lines[-1].endswith("(about 0 min left)")
     # each norm mode, without and with kept rows; then the same six on the frequency-weighted fit
     assert [t.config.norms for t in result.trials] == [None, None, "row", "row", "scalar", "scalar"] * 2
     assert [bool(t.config.keep) for t in result.trials] == [False, True] * 6
