@@ -213,7 +213,7 @@ def _per_cell(faiss, kmeans_exact, coarse: np.ndarray, x: np.ndarray, k: int, ni
 def _sampled(faiss, coarse: np.ndarray, x: np.ndarray, k: int, seed: int) -> TwoLevel:
     """k distinct points of `x` drawn at random as the fine centroids, grouped by their nearest cell of `coarse`."""
     chosen = np.sort(np.random.default_rng(seed).choice(len(x), k, replace=False))
-    cell = _cells(faiss, coarse, x)[chosen]  # the cells of all points: x[chosen] would be a second copy of the centroids
+    cell = _cells(faiss, coarse, x, chosen)
     order = np.argsort(cell, kind="stable")
     starts = np.concatenate([[0], np.cumsum(np.bincount(cell, minlength=len(coarse)))])
     return TwoLevel(np.ascontiguousarray(x[chosen[order]]), coarse, starts)
@@ -546,11 +546,13 @@ def _chunks(x: np.ndarray, least: int = 1) -> list[slice]:
     return [slice(start, start + rows) for start in range(0, len(x), rows)]
 
 
-def _cells(faiss, coarse: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """The nearest cell (N,) int32 of every point, chunk by chunk."""
-    out = np.empty(len(x), dtype=np.int32)
-    for part in _chunks(x):
-        out[part] = _nearest(faiss, coarse, x[part], 1)[:, 0]
+def _cells(faiss, coarse: np.ndarray, x: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """The nearest cell (int32) of every point, or of the points `rows` only, chunk by chunk."""
+    count = len(x) if rows is None else len(rows)
+    out = np.empty(count, dtype=np.int32)
+    for part in _chunks(x[:count]):
+        points = x[part] if rows is None else x[rows[part]]
+        out[part] = _nearest(faiss, coarse, points, 1)[:, 0]
     return out
 
 
