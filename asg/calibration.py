@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .fidelity import (_last_hidden, is_generative, next_token_kl, next_token_logits, next_token_positions,
-                       token_limit)
+from .fidelity import (_last_hidden, can_pad, is_generative, next_token_kl, next_token_logits, next_token_positions,
+                       padding, token_limit)
 from .surgery import compressed_tables
 
 MIN_GAIN = 1e-3  # a held-out loss must fall by this fraction to count as an improvement
@@ -117,15 +117,15 @@ def calibrate(model, reference, texts: list[str], *, tokenizer, config: Calibrat
     elif not texts:
         raise ValueError("no text to calibrate on: give one or more non-empty texts")
     generative = is_generative(reference)
-    batch_size = config.batch_size if tokenizer.pad_token is not None else 1  # no padding token: one at a time
+    batch_size = config.batch_size if can_pad(tokenizer) else 1
     max_length = min(token_limit(model, config.max_length), token_limit(reference, config.max_length))
     device = next(model.parameters()).device
 
     targets = ReferenceTargets(reference, generative, config.top_k)
 
     def loss_of(batch) -> torch.Tensor:
-        with _padding_right(tokenizer):  # a text's tokens sit at the same positions in every batch
-            enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        with padding(tokenizer):  # a text's tokens sit at the same positions in every batch
+            enc = tokenizer(batch, return_tensors="pt", padding=len(batch) > 1, truncation=True, max_length=max_length)
         enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         return targets.loss(model, enc, batch)
 
@@ -240,19 +240,6 @@ def coarse_kl(logits: torch.Tensor, top: torch.Tensor, index: torch.Tensor, rest
     kl_top = (top.exp() * (top - log_p.gather(-1, index))).sum(-1)
     # clamped so that an empty rest (probability 0 on either side) adds 0
     return kl_top + rest.exp() * (rest.clamp_min(-1e4) - log_p_rest.clamp_min(-1e4))
-
-
-@contextmanager
-def _padding_right(tokenizer):
-    """The tokenizer pads on the right while in this block (and as it did afterwards)."""
-    side = getattr(tokenizer, "padding_side", None)
-    if side is not None:
-        tokenizer.padding_side = "right"
-    try:
-        yield
-    finally:
-        if side is not None:
-            tokenizer.padding_side = side
 
 
 @contextmanager

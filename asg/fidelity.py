@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,32 @@ def token_limit(model, requested: int) -> int:
     if getattr(config, "model_type", "") in _OFFSET_POSITIONS and isinstance(getattr(config, "pad_token_id", None), int):
         limit -= config.pad_token_id + 1
     return max(1, min(requested, limit))
+
+
+def can_pad(tokenizer) -> bool:
+    """Whether `padding` lets the tokenizer pad a batch (if not, texts go one at a time)."""
+    return any(getattr(tokenizer, name, None) is not None for name in ("pad_token", "eos_token", "unk_token"))
+
+
+@contextmanager
+def padding(tokenizer):
+    """While in this block the tokenizer pads on the right, so that a text's tokens sit at the same positions
+    in every batch, and one without a padding token pads with its end-of-text (or unknown) token, which the
+    attention mask hides; both as before afterwards."""
+    side, pad = getattr(tokenizer, "padding_side", None), getattr(tokenizer, "pad_token", None)
+    if side is not None:
+        tokenizer.padding_side = "right"
+    if pad is None:
+        filler = getattr(tokenizer, "eos_token", None) or getattr(tokenizer, "unk_token", None)
+        if filler is not None:
+            tokenizer.pad_token = filler
+    try:
+        yield
+    finally:
+        if side is not None:
+            tokenizer.padding_side = side
+        if pad is None and getattr(tokenizer, "pad_token", None) is not None:
+            tokenizer.pad_token = None
 
 
 def is_generative(model) -> bool:
@@ -97,23 +124,9 @@ def fidelity(model, reference, tokenizer, texts: list[str], *, batch_size: int =
         embed = sentence.pipeline(sentence.local_folder(getattr(reference.config, "name_or_path", None)))
     model.eval()
     reference.eval()
-    if tokenizer.pad_token is None:
-        batch_size = 1  # no padding token: one text at a time, so no padding is needed
-    batches = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
-    max_length = min(token_limit(model, max_length), token_limit(reference, max_length))
-    sums = dict.fromkeys(("kl", "agree", "nll", "ref_nll", "tokens"), 0.0)
-    cosines = []
-    cache_key = (id(reference), tuple(texts), batch_size, max_length, None if generative else tuple(embed.steps))
-    for index, batch in enumerate(tqdm(batches, desc="fidelity", unit="batch", disable=not progress)):
-        enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-        enc = {key: value.to(_device(model)) for key, value in enc.items() if key in ("input_ids", "attention_mask")}
-        compute = (lambda: _reference_log_probs(reference, enc)) if generative else (lambda: _embedded(reference, enc, embed))
-        outputs = compute() if cache is None else cache.get(cache_key, index, compute)
-        if generative:
-            for name, value in _generative_sums(model, outputs, enc, reference).items():
-                sums[name] += value
-        else:
-            cosines.append(F.cosine_similarity(_embedded(model, enc, embed), outputs, dim=-1))
+    batch_size = batch_size if can_pad(tokenizer) else 1
+    with padding(tokenizer):
+        sums, cosines = _compare(model, reference, tokenizer, texts, batch_size, max_length, progress, cache, embed)
     if generative:
         count = sums["tokens"]
         if not count:
@@ -124,6 +137,27 @@ def fidelity(model, reference, tokenizer, texts: list[str], *, batch_size: int =
     cosine = torch.cat(cosines)
     return {"generative": False, "mean_cosine": cosine.mean().item(), "min_cosine": cosine.min().item(),
             "texts": len(texts), "sentence_embedding": embed.describe()}
+
+
+def _compare(model, reference, tokenizer, texts, batch_size, max_length, progress, cache, embed):
+    """Sums of the next-token measures (generative reference), or each text's sentence-embedding cosine."""
+    generative = is_generative(reference)
+    batches = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
+    max_length = min(token_limit(model, max_length), token_limit(reference, max_length))
+    sums = dict.fromkeys(("kl", "agree", "nll", "ref_nll", "tokens"), 0.0)
+    cosines = []
+    cache_key = (id(reference), tuple(texts), batch_size, max_length, None if generative else tuple(embed.steps))
+    for index, batch in enumerate(tqdm(batches, desc="fidelity", unit="batch", disable=not progress)):
+        enc = tokenizer(batch, return_tensors="pt", padding=len(batch) > 1, truncation=True, max_length=max_length)
+        enc = {key: value.to(_device(model)) for key, value in enc.items() if key in ("input_ids", "attention_mask")}
+        compute = (lambda: _reference_log_probs(reference, enc)) if generative else (lambda: _embedded(reference, enc, embed))
+        outputs = compute() if cache is None else cache.get(cache_key, index, compute)
+        if generative:
+            for name, value in _generative_sums(model, outputs, enc, reference).items():
+                sums[name] += value
+        else:
+            cosines.append(F.cosine_similarity(_embedded(model, enc, embed), outputs, dim=-1))
+    return sums, cosines
 
 
 def _embedded(model, enc, embed) -> torch.Tensor:

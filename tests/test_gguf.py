@@ -17,14 +17,20 @@ gguf = pytest.importorskip("gguf")
 WORDS = ["the", "cat", "sat", "on", "mat"] + [f"w{i}" for i in range(200)]
 
 
-def write_tiny_llama_gguf(path, hidden=32, layers=2, heads=4, kv_heads=2, ffn=64, seed=0):
-    """A random Llama in GGUF (float32 tensors, llama.cpp names), with a SentencePiece-style vocabulary."""
+def write_tiny_llama_gguf(path, hidden=32, layers=2, heads=4, kv_heads=2, ffn=64, seed=0, byte_level=False):
+    """A random Llama in GGUF (float32 tensors, llama.cpp names), with a SentencePiece-style vocabulary and an
+    untied head; with `byte_level`, shaped like SmolLM's instead: a GPT-2-style byte-level BPE vocabulary with
+    merges and one end-of-text token (no padding or unknown token), a tied head (no output.weight), and
+    embedding rows whose lengths vary fivefold."""
     rng = np.random.default_rng(seed)
-    tokens = ["<unk>", "<s>", "</s>"] + ["▁" + w for w in WORDS]
-    # every prefix and character of the words too, so that the BPE tokenizer transformers derives from
-    # this vocabulary finds merges that build each word
-    pieces = {word[:end] for word in tokens[3:] for end in range(1, len(word))} | {c for w in tokens[3:] for c in w}
-    tokens += sorted(pieces - set(tokens))
+    if byte_level:
+        tokens, merges = _byte_level_vocabulary()
+    else:
+        tokens = ["<unk>", "<s>", "</s>"] + ["▁" + w for w in WORDS]
+        # every prefix and character of the words too, so that the BPE tokenizer transformers derives from
+        # this vocabulary finds merges that build each word
+        pieces = {word[:end] for word in tokens[3:] for end in range(1, len(word))} | {c for w in tokens[3:] for c in w}
+        tokens += sorted(pieces - set(tokens))
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_context_length(64)
     writer.add_embedding_length(hidden)
@@ -36,20 +42,32 @@ def write_tiny_llama_gguf(path, hidden=32, layers=2, heads=4, kv_heads=2, ffn=64
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_rope_freq_base(10000.0)
     writer.add_vocab_size(len(tokens))
-    writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
-    writer.add_token_scores([0.0] * 3 + [-float(i) for i in range(len(tokens) - 3)])
-    writer.add_token_types([2, 3, 3] + [1] * (len(tokens) - 3))
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
+    if byte_level:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("smollm")
+        writer.add_token_merges(merges)
+        writer.add_token_types([3] + [1] * (len(tokens) - 1))
+        writer.add_bos_token_id(0)
+        writer.add_eos_token_id(0)
+    else:
+        writer.add_tokenizer_model("llama")
+        writer.add_token_scores([0.0] * 3 + [-float(i) for i in range(len(tokens) - 3)])
+        writer.add_token_types([2, 3, 3] + [1] * (len(tokens) - 3))
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_unk_token_id(0)
 
     def tensor(*shape):
         return (rng.standard_normal(shape) * 0.05).astype(np.float32)
 
     head_dim = hidden // heads
-    writer.add_tensor("token_embd.weight", tensor(len(tokens), hidden))
-    writer.add_tensor("output.weight", tensor(len(tokens), hidden))
+    if byte_level:
+        lengths = rng.uniform(0.5, 2.5, (len(tokens), 1)).astype(np.float32)
+        writer.add_tensor("token_embd.weight", tensor(len(tokens), hidden) * lengths)
+    else:
+        writer.add_tensor("token_embd.weight", tensor(len(tokens), hidden))
+        writer.add_tensor("output.weight", tensor(len(tokens), hidden))
     writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
     for i in range(layers):
         writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
@@ -66,6 +84,21 @@ def write_tiny_llama_gguf(path, hidden=32, layers=2, heads=4, kv_heads=2, ffn=64
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _byte_level_vocabulary():
+    """(tokens, merges) of a byte-level BPE: "<|endoftext|>", the characters of WORDS and "Ġ" (a space), and
+    the merges that build " word" for each word left to right."""
+    alphabet = sorted({c for word in WORDS for c in word} | {"Ġ"})
+    tokens, merges = ["<|endoftext|>"] + alphabet, []
+    for word in WORDS:
+        built = "Ġ"
+        for char in word:
+            if built + char not in tokens:
+                merges.append(f"{built} {char}")
+                tokens.append(built + char)
+            built += char
+    return tokens, merges
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +123,49 @@ def test_a_gguf_file_compresses_into_an_ordinary_asg_folder(gguf_file, tmp_path)
         assert torch.equal(loaded(ids).logits, same(ids).logits)
         assert not torch.allclose(loaded(ids).logits, dense(ids).logits)
     assert torch.equal(loaded.get_input_embeddings().codes, same.get_input_embeddings().codes)
+
+
+def test_a_smollm_shaped_gguf_compresses_by_measurement_with_its_head_tied(tmp_path):
+    """A Llama whose GGUF has a tied head, byte-level BPE and no padding token, as SmolLM's has: `asg compress`
+    chooses its settings by next-token KL, keeps the head tied, and measures fidelity and calibrates, which
+    need padded batches."""
+    path = write_tiny_llama_gguf(tmp_path / "smol.gguf", byte_level=True)
+    tokenizer = asg.loading.load_tokenizer(path)
+    assert tokenizer.pad_token is None and tokenizer("the cat", add_special_tokens=False)["input_ids"] != []
+    out, texts = tmp_path / "asg", tmp_path / "texts.txt"
+    texts.write_text("\n".join(" ".join(WORDS[(7 * i + j) % 5] for j in range(3 + i % 4)) for i in range(12)))
+    runner = CliRunner()
+    result = runner.invoke(app, ["compress", str(path), "--budget", "40%", "--text", str(texts), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "by measuring next-token KL" in result.output and "| **chosen** |" in result.output
+    assert "next-token KL" in result.output.split("wrote ")[-1]  # the written model's fidelity report
+    plan = asg.read_plan(out)
+    assert plan["tables"]["output"]["tied"] is True
+    loaded = asg.from_pretrained(out)
+    assert loaded.get_output_embeddings().embedding is loaded.get_input_embeddings()
+    calibrated = runner.invoke(app, ["calibrate", str(out), "--text", str(texts), "--steps", "4", "--batch-size", "4",
+                                     "-o", str(tmp_path / "cal")])
+    assert calibrated.exit_code == 0, calibrated.output
+    assert "after calibration" in calibrated.output
+
+
+def test_fidelity_pads_with_end_of_text_where_a_tokenizer_has_no_padding_token(tmp_path):
+    """Batches padded (on the right) with the end-of-text token give what texts one at a time give, and the
+    tokenizer is left as it was."""
+    from asg.fidelity import fidelity
+
+    path = write_tiny_llama_gguf(tmp_path / "smol.gguf", byte_level=True)
+    tokenizer, reference = asg.loading.load_tokenizer(path), load_model(path)
+    tokenizer.padding_side = "left"
+    model = load_model(path)
+    asg.compress(model, asg.ASGConfig(k=8, m=8), progress=False)
+    texts = ["the cat sat", "on the mat", "the cat", "sat on the mat the cat"]
+    batched = fidelity(model, reference, tokenizer, texts, batch_size=4)
+    single = fidelity(model, reference, tokenizer, texts, batch_size=1)
+    assert batched["tokens"] == single["tokens"] > 0 and batched["kl"] > 0
+    for name in ("kl", "perplexity", "reference_perplexity", "top1_agreement"):
+        assert batched[name] == pytest.approx(single[name], rel=1e-4)
+    assert tokenizer.pad_token is None and tokenizer.padding_side == "left"
 
 
 def test_the_recorded_gguf_source_loads_as_the_reference(gguf_file, tmp_path):
