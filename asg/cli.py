@@ -6,7 +6,6 @@ line on stderr and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import os
@@ -121,7 +120,7 @@ def compress(
     ASG by default; --method picks a baseline (Semantic Grouping, low-rank, int8/int4) for comparison.
     """
     from .checkpoint import save_pretrained
-    from .surgery import compress as compress_model
+    from .surgery import compress as compress_model, copy_with_own_tables
     from .loading import DEFAULT_MODEL_NAME, default_model_path, load_model, load_tokenizer
 
     _check_output(output, overwrite)
@@ -145,7 +144,7 @@ def compress(
         config = _method_config(method, vocab_size, dim, budget, k=k, m=m, shared=shared, targets=targets,
                                 backend=backend, seed=seed, niter=niter, kmeans=kmeans, weights=weights, norms=norms,
                                 dtype=dtype, keep=keep, keep_by=keep_by)
-    reference = copy.deepcopy(dense) if fidelity and tokenizer is not None else None
+    reference = copy_with_own_tables(dense) if fidelity and tokenizer is not None else None
     report = compress_model(dense, config, tokenizer=tokenizer, progress=True)
     measured = None
     if reference is not None:  # measured before saving, so that the model card holds it

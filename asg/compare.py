@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any, Sequence
 from .baselines import METHODS
 from .fidelity import fidelity
 from .methods import accepted_options, config_from_options
-from .surgery import compress
+from .surgery import compress, copy_with_own_tables
 
 
 def compare_methods(model, tokenizer, texts: list[str], *, budget: float | Sequence[float], by: str = "params",
@@ -53,7 +52,7 @@ def _variants(segments: Sequence[int], group_sizes: Sequence[int]) -> list[dict[
 
 
 def _measure(model, config, tokenizer, texts, fraction: float, vocab_size: int, progress: bool) -> dict[str, Any]:
-    candidate = copy.deepcopy(model)
+    candidate = copy_with_own_tables(model)
     report = compress(candidate, config, tokenizer=tokenizer, progress=progress)
     row = {
         "method": config.method,

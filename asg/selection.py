@@ -14,7 +14,6 @@ one, the best score within the budget.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
@@ -30,7 +29,7 @@ from .format import NORM_MODES, STORAGE_DTYPES
 from .frequency import token_ranking
 from .methods import largest
 from .modules import ASGEmbedding
-from .surgery import compress
+from .surgery import compress, copy_with_own_tables
 
 WIDTHS = (2, 4, 8, 16)  # concept vector widths D/m tried by default
 
@@ -173,7 +172,7 @@ class _Measure:
             key = (trial.config.k, trial.config.m, weights if weights is None or isinstance(weights, str) else id(weights))
             if fitted is None or fitted[0] != key:  # the variants of one fit follow each other
                 fitted = None  # one compressed copy at a time
-                candidate = copy.deepcopy(self.model)
+                candidate = copy_with_own_tables(self.model)
                 began = time.perf_counter()
                 compress(candidate, dataclasses.replace(trial.config, norms=None, keep=self.base_keep),
                          tokenizer=self.tokenizer, progress=self.progress)
@@ -195,7 +194,7 @@ def _variant(compressed, reference, mode, kept):
     keep the rows of the token ids `kept` (None: as fitted)."""
     if mode is None and kept is None:
         return compressed
-    variant = copy.deepcopy(compressed)
+    variant = copy_with_own_tables(compressed)
     dense = {"input": reference.get_input_embeddings().weight}
     head = reference.get_output_embeddings()
     if head is not None:

@@ -9,6 +9,8 @@ What was replaced, and where, is recorded in `model.config.asg` so that a checkp
 
 from __future__ import annotations
 
+import copy
+import itertools
 import logging
 from typing import Any
 
@@ -144,6 +146,21 @@ def _report(model: nn.Module, config, tables, dense: dict[int, torch.Tensor], er
         code_bytes_on_disk=sum(mod.index_bytes_on_disk() for mod in modules),
         embedding_bytes_on_disk=sum(mod.disk_bytes() for mod in modules),
     )
+
+
+def copy_with_own_tables(model: nn.Module) -> nn.Module:
+    """A copy of `model` with its own token tables (the input embedding and the output head, compressed or not)
+    and every other parameter and buffer `model`'s, shared: compressing the copy, or changing its tables, leaves
+    `model` as it was, and the copy costs the tables' memory, not the whole model's. Neither model may then be
+    trained or changed in place outside its tables."""
+    tables = [model.get_input_embeddings()]
+    try:
+        tables.append(model.get_output_embeddings())
+    except (AttributeError, NotImplementedError):
+        pass
+    own = {id(t) for table in tables if table is not None for t in itertools.chain(table.parameters(), table.buffers())}
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers()) if id(t) not in own}
+    return copy.deepcopy(model, shared)  # deepcopy's memo: the shared tensors map to themselves
 
 
 def is_compressed(model: nn.Module) -> bool:

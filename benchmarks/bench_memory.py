@@ -2,7 +2,8 @@
 
 A thread samples the process's resident memory every 5 ms; each stage reports how far above its
 starting point memory rose. The claim (issue 9): compressing and loading never hold more than two
-dense copies of the table at once. Default model: Gemma 3 270M from its GGUF file (262,144 x 640
+dense copies of the table at once. Also: what one candidate copy of the model costs the --auto search
+(its own tables, the layers shared), against a full copy, measured in the same run. Default model: Gemma 3 270M from its GGUF file (262,144 x 640
 table), or any model folder / GGUF path given.
 
     python benchmarks/bench_memory.py [MODEL] [--k 1024 --m 80]
@@ -48,6 +49,13 @@ class Peak:
         self.rise = self.peak - self.start
 
 
+def new_bytes(copied, model) -> int:
+    """Bytes of the tensors of `copied` that are not `model`'s."""
+    theirs = {t.data_ptr() for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in (*copied.parameters(), *copied.buffers())
+               if t.data_ptr() not in theirs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?")
@@ -55,6 +63,7 @@ def main() -> None:
     parser.add_argument("--m", type=int, default=80)
     args = parser.parse_args()
 
+    import copy
     import gc
 
     import asg
@@ -66,6 +75,17 @@ def main() -> None:
     table_bytes = table.numel() * table.element_size()
     print(f"# Peak memory, {source.rsplit('/', 1)[-1]}: dense table {tuple(table.shape)} = {table_bytes / 2**20:.0f} MiB")
     del table
+    costs = {}
+    for name, make in (("copy.deepcopy", copy.deepcopy), ("copy_with_own_tables", asg.surgery.copy_with_own_tables)):
+        with Peak() as peak:  # resident memory can rise by less: freed pages of the GGUF reading are reused
+            twin = make(model)
+        costs[name] = (new_bytes(twin, model), peak.rise)
+        del twin
+        gc.collect()
+    (full, _), (own, _) = costs.values()
+    print("- one candidate copy of the model, as --auto, compare and compress's fidelity reference make it: "
+          + ", ".join(f"{name} {size / 2**20:.0f} MiB of new tensors (resident memory rose {rise / 2**20:.0f} MiB)"
+                      for name, (size, rise) in costs.items()) + f"; {own / full:.2f}x")
     with Peak() as compressing:
         asg.compress(model, asg.ASGConfig(k=args.k, m=args.m), progress=False)
     gc.collect()

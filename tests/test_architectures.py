@@ -175,3 +175,28 @@ def test_untied_t5_built_from_config_gets_one_input_module(caplog):
     assert report.embedding_params_before == 4 * VOCAB * HIDDEN  # three input tables and the head
     inputs = sample_inputs("t5")
     torch.testing.assert_close(outputs(model, inputs), outputs(dense_twin(original, model), inputs), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_a_copy_with_own_tables_shares_the_rest_and_compresses_alone(arch):
+    """The copy that --auto, compare and compress's fidelity reference use: its tables are its own (compressing
+    it, then changing its ASG tables, leaves the original's outputs bit-identical), every other tensor is the
+    original's (no second copy of the layers), and it computes what a full copy computes."""
+    original = build(arch)
+    inputs = sample_inputs(arch)
+    before = outputs(original, inputs)
+    tables = {id(t) for table in (original.get_input_embeddings(), original.get_output_embeddings())
+              if table is not None for t in table.parameters()}
+    copied = asg.surgery.copy_with_own_tables(original)
+    ours = {id(t): t for t in original.parameters()}
+    theirs = {id(t) for t in copied.parameters()}
+    assert {i for i in ours if i not in tables} <= theirs  # the layers are shared
+    assert not tables & theirs  # the tables are not
+    full = copy.deepcopy(original)
+    asg.compress(copied, asg.ASGConfig(k=K, m=M), progress=False)
+    asg.compress(full, asg.ASGConfig(k=K, m=M), progress=False)
+    assert torch.equal(outputs(copied, inputs), outputs(full, inputs))
+    asg.surgery.copy_with_own_tables(copied).get_input_embeddings().set_norms_(
+        "scalar", torch.ones(VOCAB))  # a variant of the compressed copy, as --auto makes
+    assert torch.equal(outputs(copied, inputs), outputs(full, inputs))
+    assert torch.equal(outputs(original, inputs), before)
