@@ -14,6 +14,7 @@ too; punctuation and numbers get a share; the tokenizer's special tokens, which 
 from __future__ import annotations
 
 import json
+import math
 import string
 from pathlib import Path
 
@@ -24,6 +25,7 @@ _MARKERS = ("##", "▁", "Ġ", "Ċ")
 WORDS = 50_000  # the most common words of each language that `token_ranking` tokenizes
 #: how a word occurs in text: after a space, at the start of a text, capitalised after a space; and shares
 _FORMS = ((" {}", 0.8), ("{}", 0.1), (" {}", 0.1))
+UNSPACED = ("zh", "ja")  #: languages written without spaces between words: a word occurs as it is
 PUNCTUATION_SHARE = 0.05  # of the most frequent word's frequency, for each ASCII punctuation mark
 NUMBER_SHARE = 0.001  # for each of the numbers 0..99
 
@@ -44,8 +46,36 @@ def _is_wordfreq(source: str) -> bool:
 
 
 def _langs(source: str) -> list[str]:
-    """The languages of "wordfreq:LANG[,LANG]" (English for plain "wordfreq")."""
-    return [lang.strip() for lang in source.partition(":")[2].split(",") if lang.strip()] or ["en"]
+    """The languages of "wordfreq:LANG[,LANG]" (English for plain "wordfreq"); ValueError for one wordfreq lacks."""
+    langs = [lang.strip() for lang in source.partition(":")[2].split(",") if lang.strip()] or ["en"]
+    try:
+        import wordfreq
+    except ImportError:
+        raise ValueError(f"{source!r} needs the wordfreq package: pip install wordfreq (or pip install 'asg[freq]')") from None
+    known = wordfreq.available_languages("best")
+    unknown = [lang for lang in langs if lang not in known]
+    if unknown:
+        raise ValueError(f"{source!r}: wordfreq has no word list for {', '.join(map(repr, unknown))}; "
+                         f"give languages from: {', '.join(sorted(known))}")
+    return langs
+
+
+def _frequency_of(lang: str):
+    """word -> its frequency in `lang`: wordfreq.word_frequency, or where that needs a segmenter that is not
+    installed (jieba for Chinese, MeCab for Japanese and Korean), the word list's own entry for the word."""
+    import wordfreq
+
+    try:
+        wordfreq.word_frequency("a", lang)
+    except ImportError:
+        table = wordfreq.get_frequency_dict(lang)
+        return lambda word: table.get(word.casefold(), 0.0)
+    return lambda word: wordfreq.word_frequency(word, lang)
+
+
+def _rounded(frequency: float) -> float:
+    """To three significant digits, as wordfreq.word_frequency gives it."""
+    return round(frequency, math.floor(-math.log(frequency, 10)) + 3) if frequency > 0 else 0.0
 
 
 def _vocabulary(tokenizer, vocab_size: int) -> list[str | None]:
@@ -57,12 +87,8 @@ def _vocabulary(tokenizer, vocab_size: int) -> list[str | None]:
 
 
 def _wordfreq(tokenizer, vocab_size: int, langs: list[str]) -> np.ndarray:
-    try:
-        import wordfreq
-    except ImportError:
-        raise ValueError("weights='wordfreq' needs the wordfreq package: pip install wordfreq "
-                         "(or pip install 'asg[freq]')") from None
     special = set(getattr(tokenizer, "all_special_tokens", []))
+    lookups = [_frequency_of(lang) for lang in langs]
     freqs = np.zeros(vocab_size)
     for index, token in enumerate(_vocabulary(tokenizer, vocab_size)):
         if token is None or token in special:
@@ -71,7 +97,7 @@ def _wordfreq(tokenizer, vocab_size: int, langs: list[str]) -> np.ndarray:
         for marker in _MARKERS:
             word = word.replace(marker, "")
         if word:
-            freqs[index] = sum(wordfreq.word_frequency(word, lang) for lang in langs) / len(langs)
+            freqs[index] = sum(frequency(word) for frequency in lookups) / len(langs)
     return freqs
 
 
@@ -134,11 +160,8 @@ def token_ranking(source: str, tokenizer, vocab_size: int) -> np.ndarray:
 
 def _running_text(tokenizer, vocab_size: int, langs: list[str]) -> np.ndarray:
     """Token frequencies (V,) from wordfreq's common words as the tokenizer splits them in text."""
-    try:
-        import wordfreq
-    except ImportError:
-        raise ValueError("keep_by='wordfreq' needs the wordfreq package: pip install wordfreq "
-                         "(or pip install 'asg[freq]')") from None
+    import wordfreq  # there: _langs has checked
+
     freqs = np.zeros(vocab_size)
 
     def add(texts: list[str], weights: list[float]) -> None:  # one batched tokenizer call for all the texts
@@ -147,9 +170,12 @@ def _running_text(tokenizer, vocab_size: int, langs: list[str]) -> np.ndarray:
 
     texts, weights = [], []
     for lang in langs:
+        # the word list's own frequencies (no segmenter needed), rounded as earlier versions read them
+        table = wordfreq.get_frequency_dict(lang)
         for word in wordfreq.top_n_list(lang, WORDS):
-            frequency = wordfreq.word_frequency(word, lang) / len(langs)
-            for (form, share), text in zip(_FORMS, (word, word, word.capitalize())):
+            frequency = _rounded(table[word]) / len(langs)
+            forms = zip(_FORMS, (word, word, word.capitalize())) if lang not in UNSPACED else [(("{}", 1.0), word)]
+            for (form, share), text in forms:
                 texts.append(form.format(text))
                 weights.append(frequency * share)
     add(texts, weights)

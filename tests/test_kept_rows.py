@@ -62,6 +62,26 @@ def test_wordfreq_ranking_counts_words_as_they_occur_in_text(tokenizer):
     assert not {vocab[f"w{i}"] for i in range(100, 150)} & ids
 
 
+def test_wordfreq_ranks_and_weighs_chinese_and_japanese_without_their_segmenters(tmp_path):
+    """wordfreq needs jieba or MeCab to look a word up in Chinese or Japanese; the ranking reads its word lists
+    directly (words as they stand in unspaced text), and the weights fall back to them where a segmenter is missing."""
+    pytest.importorskip("wordfreq")
+    from asg.frequency import token_weights
+
+    words = ["的", "是", "猫", "椅", "の", "は", "ネ", "the", "cat"]
+    tok = AutoTokenizer.from_pretrained(write_bert_folder(tmp_path / "cjk", words))
+    vocab = tok.get_vocab()
+    for source, common, rare in (("wordfreq:zh", ["的", "是"], ["猫", "椅"]), ("wordfreq:ja", ["の", "は"], ["ネ", "椅"])):
+        ids = set(frequent_tokens(source, tok, VOCAB, len(SPECIALS) + 2).tolist())
+        assert {vocab[w] for w in common} <= ids and not {vocab[w] for w in rare} & ids
+        weights = token_weights(source, tok, VOCAB)
+        assert min(weights[vocab[w]] for w in common) > 100 * max(weights[vocab[w]] for w in rare)
+    with pytest.raises(ValueError, match="wordfreq has no word list for 'xx'; give languages from: ar, bg"):
+        frequent_tokens("wordfreq:en,xx", tok, VOCAB, 4)
+    with pytest.raises(ValueError, match="no word list for 'klingon'"):
+        token_weights("wordfreq:klingon", tok, VOCAB)
+
+
 @pytest.mark.parametrize("arch", ["bert", "gpt2", "mt5"])
 @pytest.mark.parametrize("norms", [None, "scalar", "row"])
 def test_kept_rows_are_int8_and_the_model_is_the_dense_model_on_the_rebuilt_table(arch, norms, tokenizer, counts):
