@@ -3,7 +3,10 @@
 after multiplying the table by S^(a/2), S the second moment of the head's input on calibration text,
 so that squared error there is logit error; a=1 is that metric, a=0.5 half-way to plain PQ), and
 residual codes (`residual`: PQ with m/2 segments, then PQ with m/2 segments of what it left; as many
-codes per token as plain PQ, segments twice as wide).
+codes per token as plain PQ, segments twice as wide). Each is shown without a length correction, with
+one length for every row (`scalar`, Gemma only) and with one factor that restores the mean length and
+keeps the rows' relative lengths (`factor`, the correction issue 15 item 1 suggests for tables whose
+lengths vary; it costs one number).
 
 Every variant swaps its reconstructed table into a dense copy of the model (ASG's forward is the dense
 forward on that table, so this measures what the ASG model would give) and is scored with `asg`'s own
@@ -81,9 +84,14 @@ def main() -> None:
             fit = pq.fit((table @ forward).astype(np.float32), args.k, args.m)
             rebuilt = pq.decode(fit.codebooks, fit.codes).astype(np.float64) @ back
             size += 0 if variant == "plain" else dim * dim * 2
-        for norms in ([None, "scalar"] if args.model == "gemma" else [None]):
-            shown = rebuilt if norms is None else \
-                rebuilt / np.maximum(np.linalg.norm(rebuilt, axis=1, keepdims=True), 1e-12) * mean_length
+        lengths = np.linalg.norm(rebuilt, axis=1, keepdims=True)
+        for norms in ([None, "scalar", "factor"] if args.model == "gemma" else [None, "factor"]):
+            if norms == "scalar":  # every row at the table's mean length
+                shown = rebuilt / np.maximum(lengths, 1e-12) * mean_length
+            elif norms == "factor":  # one factor for all rows: the mean length restored, relative lengths kept
+                shown = rebuilt * (mean_length / lengths.mean())
+            else:
+                shown = rebuilt
             with torch.no_grad():
                 model.get_input_embeddings().weight.copy_(torch.from_numpy(shown.astype(np.float32)))
             scores = []
