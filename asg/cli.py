@@ -555,7 +555,12 @@ def _parse_segments(text: str | None) -> list[int] | None:
 
 
 def _pieces(tokenizer, word: str) -> list[tuple[str, int]]:
+    """The tokens of `word` as it occurs in running text: after a space, where that takes no more pieces
+    (byte-level BPE vocabularies hold "Ġfather" and "father"; text mostly has the first)."""
     pieces = tokenizer.tokenize(word)
+    spaced = tokenizer.tokenize(" " + word) if word[:1] not in ("", " ") else []
+    if spaced and len(spaced) <= len(pieces):
+        pieces = spaced
     if not pieces:
         raise ValueError(f"the tokenizer turns {word!r} into no tokens; give a word")
     ids = tokenizer.convert_tokens_to_ids(pieces)

@@ -143,6 +143,10 @@ def test_a_smollm_shaped_gguf_compresses_by_measurement_with_its_head_tied(tmp_p
     assert plan["tables"]["output"]["tied"] is True
     loaded = asg.from_pretrained(out)
     assert loaded.get_output_embeddings().embedding is loaded.get_input_embeddings()
+    shown = runner.invoke(app, ["inspect", str(out), "--token", "cat", "--segments", "0", "--json"])
+    assert shown.exit_code == 0, shown.output
+    piece = json.loads(shown.stdout)["pieces"]
+    assert [p["piece"] for p in piece] == ["Ġcat"]  # the word as text has it, after a space (not "c", "a", "t")
     calibrated = runner.invoke(app, ["calibrate", str(out), "--text", str(texts), "--steps", "4", "--batch-size", "4",
                                      "-o", str(tmp_path / "cal")])
     assert calibrated.exit_code == 0, calibrated.output
