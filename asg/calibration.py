@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .fidelity import (_last_hidden, can_pad, is_generative, next_token_kl, next_token_logits, next_token_positions,
-                       padding, token_limit)
+from .fidelity import (_last_hidden, is_generative, next_token_kl, next_token_logits, next_token_positions,
+                       padding, padding_token, token_limit)
 from .surgery import compressed_tables
 
 MIN_GAIN = 1e-3  # a held-out loss must fall by this fraction to count as an improvement
@@ -117,7 +117,7 @@ def calibrate(model, reference, texts: list[str], *, tokenizer, config: Calibrat
     elif not texts:
         raise ValueError("no text to calibrate on: give one or more non-empty texts")
     generative = is_generative(reference)
-    batch_size = config.batch_size if can_pad(tokenizer) else 1
+    batch_size = config.batch_size if padding_token(tokenizer) is not None else 1  # none: one text at a time
     max_length = min(token_limit(model, config.max_length), token_limit(reference, config.max_length))
     device = next(model.parameters()).device
 

@@ -53,23 +53,23 @@ def token_limit(model, requested: int) -> int:
     return max(1, min(requested, limit))
 
 
-def can_pad(tokenizer) -> bool:
-    """Whether `padding` lets the tokenizer pad a batch (if not, texts go one at a time)."""
-    return any(getattr(tokenizer, name, None) is not None for name in ("pad_token", "eos_token", "unk_token"))
+def padding_token(tokenizer) -> str | None:
+    """The token batches are padded with: the tokenizer's padding token, else its end-of-text token (decoder-only
+    models such as GPT-2, Llama and Gemma often have no padding token), else its unknown token; None if none."""
+    return next((token for name in ("pad_token", "eos_token", "unk_token")
+                 if (token := getattr(tokenizer, name, None)) is not None), None)
 
 
 @contextmanager
 def padding(tokenizer):
     """While in this block the tokenizer pads on the right, so that a text's tokens sit at the same positions
-    in every batch, and one without a padding token pads with its end-of-text (or unknown) token, which the
-    attention mask hides; both as before afterwards."""
+    in every batch, and one without a padding token pads with `padding_token`, which the attention mask hides;
+    both as before afterwards."""
     side, pad = getattr(tokenizer, "padding_side", None), getattr(tokenizer, "pad_token", None)
     if side is not None:
         tokenizer.padding_side = "right"
-    if pad is None:
-        filler = getattr(tokenizer, "eos_token", None) or getattr(tokenizer, "unk_token", None)
-        if filler is not None:
-            tokenizer.pad_token = filler
+    if pad is None and padding_token(tokenizer) is not None:
+        tokenizer.pad_token = padding_token(tokenizer)
     try:
         yield
     finally:
@@ -124,7 +124,7 @@ def fidelity(model, reference, tokenizer, texts: list[str], *, batch_size: int =
         embed = sentence.pipeline(sentence.local_folder(getattr(reference.config, "name_or_path", None)))
     model.eval()
     reference.eval()
-    batch_size = batch_size if can_pad(tokenizer) else 1
+    batch_size = batch_size if padding_token(tokenizer) is not None else 1  # none: one text at a time, unpadded
     with padding(tokenizer):
         sums, cosines = _compare(model, reference, tokenizer, texts, batch_size, max_length, progress, cache, embed)
     if generative:

@@ -164,6 +164,7 @@ def load_model(source: str | None, family, labels: list[str]):
     from ..checkpoint import from_pretrained
     from ..loading import default_model_path, load_tokenizer, source_and_options
     from ..loading import load_model as load_dense
+    from ..fidelity import padding_token
 
     source = source or str(default_model_path())
     is_asg = _is_asg_folder(source)
@@ -181,9 +182,8 @@ def load_model(source: str | None, family, labels: list[str]):
     except (OSError, KeyError) as err:
         raise ValueError(f"could not load {source} as {model_class.__name__}: {err}") from None
     tokenizer = load_tokenizer(source, required=True)
-    if tokenizer.pad_token is None and (tokenizer.eos_token or tokenizer.unk_token):
-        # decoder-only models (GPT-2, Llama, Gemma) have no padding token: pad with end-of-text, as is usual
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token is None and padding_token(tokenizer) is not None:
+        tokenizer.pad_token = padding_token(tokenizer)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # a sequence classifier finds each text's last token by it
     return model, tokenizer, source
