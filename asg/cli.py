@@ -151,7 +151,7 @@ def compress(
         from .fidelity import fidelity as measure, read_texts
 
         texts = read_texts()
-        measured = measure(dense, reference, tokenizer, texts)
+        measured = measure(dense, reference, tokenizer, texts, progress=True)
     _written.append(save_pretrained(dense, output, tokenizer=tokenizer, overwrite=overwrite, fidelity=measured))
     typer.echo(str(report))
     typer.echo(f"wrote {output}" + ("" if tokenizer is not None else " (the source had no tokenizer; inspect needs one)"))
@@ -448,8 +448,8 @@ def fidelity(
     texts = read_texts(text)
     model = from_pretrained(path)
     tokenizer = load_tokenizer(path, required=True)
-    _print_fidelity([(str(path), measure(model, _reference_model(path, reference), tokenizer, texts))], len(texts),
-                    str(text) if text else "built-in sentences")
+    measured = measure(model, _reference_model(path, reference), tokenizer, texts, progress=True)
+    _print_fidelity([(str(path), measured)], len(texts), str(text) if text else "built-in sentences")
 
 
 def _reference_model(path: Path, reference: str | None):
