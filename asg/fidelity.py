@@ -171,23 +171,30 @@ def _last_hidden(model, enc) -> torch.Tensor:
     return hidden if hidden is not None else out.hidden_states[-1]
 
 
+def _scored_log_probs(model, enc, encoder_decoder: bool) -> torch.Tensor:
+    """The model's next-token log-probabilities (N, V) at the N positions `next_token_positions` scores (padding
+    left out, which the reference's cached outputs need not hold)."""
+    valid, _ = next_token_positions(enc, encoder_decoder)
+    return torch.log_softmax(next_token_logits(model, enc, encoder_decoder)[valid], -1)
+
+
 def _reference_log_probs(reference, enc) -> torch.Tensor:
-    encoder_decoder = bool(getattr(reference.config, "is_encoder_decoder", False))
-    return torch.log_softmax(next_token_logits(reference, enc, encoder_decoder), -1)
+    return _scored_log_probs(reference, enc, bool(getattr(reference.config, "is_encoder_decoder", False)))
 
 
 def _generative_sums(model, log_q: torch.Tensor, enc, reference) -> dict[str, float]:
     """Sums over the scored positions of KL(reference || model), top-1 agreement and both models' NLL, from
-    the reference's next-token log-probabilities `log_q`."""
+    the reference's next-token log-probabilities `log_q` at those positions."""
     encoder_decoder = bool(getattr(reference.config, "is_encoder_decoder", False))
     valid, targets = next_token_positions(enc, encoder_decoder)
-    log_p = torch.log_softmax(next_token_logits(model, enc, encoder_decoder), -1)
+    targets = targets[valid][:, None]
+    log_p = _scored_log_probs(model, enc, encoder_decoder)
     kl = next_token_kl(log_p, log_q)
-    nll = -log_p.gather(-1, targets[..., None])[..., 0]
-    ref_nll = -log_q.gather(-1, targets[..., None])[..., 0]
+    nll = -log_p.gather(-1, targets)[:, 0]
+    ref_nll = -log_q.gather(-1, targets)[:, 0]
     agree = (log_p.argmax(-1) == log_q.argmax(-1)).float()
-    return {"kl": kl[valid].sum().item(), "agree": agree[valid].sum().item(), "tokens": valid.sum().item(),
-            "nll": nll[valid].sum().item(), "ref_nll": ref_nll[valid].sum().item()}
+    return {"kl": kl.sum().item(), "agree": agree.sum().item(), "tokens": len(kl), "nll": nll.sum().item(),
+            "ref_nll": ref_nll.sum().item()}
 
 
 def next_token_positions(enc, encoder_decoder: bool) -> tuple[torch.Tensor, torch.Tensor]:
