@@ -8,7 +8,8 @@ small floor, so that no row is ignored outright.
 `token_ranking` orders the vocabulary by how often each token occurs in running text, for the rows an
 ASG table keeps apart (`ASGConfig(keep=N)`, `frequent_tokens`): wordfreq's most common words are
 tokenized as they occur in text (after a space, at the start, capitalised), so that sub-word pieces count
-too; punctuation and numbers get a share; the tokenizer's special tokens, which every text uses, come first.
+too; punctuation and numbers get a share; the tokenizer's named special tokens (beginning and end of text,
+separator, padding, ...), which texts are made with, come first.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ WORDS = 50_000  # the most common words of each language that `token_ranking` to
 #: how a word occurs in text: after a space, at the start of a text, capitalised after a space; and shares
 _FORMS = ((" {}", 0.8), ("{}", 0.1), (" {}", 0.1))
 UNSPACED = ("zh", "ja")  #: languages written without spaces between words: a word occurs as it is
+#: the special tokens that texts are made with, ranked first; a tokenizer's other special tokens (reserved and
+#: control tokens, hundreds in some vocabularies) rank by their frequency like any token
+_TEXT_SPECIALS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 PUNCTUATION_SHARE = 0.05  # of the most frequent word's frequency, for each ASCII punctuation mark
 NUMBER_SHARE = 0.001  # for each of the numbers 0..99
 
@@ -153,7 +157,8 @@ def token_ranking(source: str, tokenizer, vocab_size: int) -> np.ndarray:
         freqs = _running_text(tokenizer, vocab_size, _langs(source))
     else:
         freqs = _counts_file(Path(source), tokenizer, vocab_size)
-    special = [i for i in getattr(tokenizer, "all_special_ids", []) if 0 <= i < vocab_size]
+    special = [i for name in _TEXT_SPECIALS if isinstance(i := getattr(tokenizer, f"{name}_id", None), int)
+               and 0 <= i < vocab_size]
     freqs[special] = freqs.max() * 10 + 1
     return np.argsort(-freqs, kind="stable").astype(np.int64)  # ties in id order: the choice is repeatable
 

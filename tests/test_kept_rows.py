@@ -53,6 +53,24 @@ def test_ranking_puts_special_tokens_first_then_the_counted_ones(tokenizer, coun
         frequent_tokens(counts, tokenizer, VOCAB, 212)
 
 
+def test_reserved_special_tokens_are_not_kept_ahead_of_words(counts):
+    """Some vocabularies list hundreds of reserved or control tokens as special; only the ones texts are made
+    with (beginning, end, unknown, ...) rank first, the rest by their frequency."""
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    reserved = [f"<|reserved_{i}|>" for i in range(300)]
+    words = ["<unk>", "<s>", "</s>"] + reserved + ["the", "cat", "sat", "dog", "mat"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                     additional_special_tokens=reserved)
+    assert len(tok.all_special_ids) == 303
+    vocab = tok.get_vocab()
+    ids = frequent_tokens(counts, tok, len(words), 6)
+    assert list(ids) == sorted([0, 1, 2, vocab["the"], vocab["cat"], vocab["sat"]])
+
+
 def test_wordfreq_ranking_counts_words_as_they_occur_in_text(tokenizer):
     pytest.importorskip("wordfreq")
     vocab = tokenizer.get_vocab()
