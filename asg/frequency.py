@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import string
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,8 @@ WORDS = 50_000  # the most common words of each language that `token_ranking` to
 #: how a word occurs in text: after a space, at the start of a text, capitalised after a space; and shares
 _FORMS = ((" {}", 0.8), ("{}", 0.1), (" {}", 0.1))
 UNSPACED = ("zh", "ja")  #: languages written without spaces between words: a word occurs as it is
-#: the special tokens that texts are made with, ranked first; a tokenizer's other special tokens (reserved and
-#: control tokens, hundreds in some vocabularies) rank by their frequency like any token
+#: the special tokens that texts are made with, ranked first with those a chat template writes; a tokenizer's
+#: other special tokens (reserved and control tokens, hundreds in some vocabularies) rank by frequency like any
 _TEXT_SPECIALS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 PUNCTUATION_SHARE = 0.05  # of the most frequent word's frequency, for each ASCII punctuation mark
 NUMBER_SHARE = 0.001  # for each of the numbers 0..99
@@ -157,10 +158,24 @@ def token_ranking(source: str, tokenizer, vocab_size: int) -> np.ndarray:
         freqs = _running_text(tokenizer, vocab_size, _langs(source))
     else:
         freqs = _counts_file(Path(source), tokenizer, vocab_size)
-    special = [i for name in _TEXT_SPECIALS if isinstance(i := getattr(tokenizer, f"{name}_id", None), int)
-               and 0 <= i < vocab_size]
+    special = [i for i in _text_specials(tokenizer) if 0 <= i < vocab_size]
     freqs[special] = freqs.max() * 10 + 1
     return np.argsort(-freqs, kind="stable").astype(np.int64)  # ties in id order: the choice is repeatable
+
+
+def _text_specials(tokenizer) -> set[int]:
+    """Ids of the special tokens texts are made with: the named ones (`_TEXT_SPECIALS`), and those the tokenizer's
+    chat template writes around the turns of a conversation (such as <|im_start|>)."""
+    ids = {i for name in _TEXT_SPECIALS if isinstance(i := getattr(tokenizer, f"{name}_id", None), int)}
+    if getattr(tokenizer, "chat_template", None):
+        turns = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi."}]
+        try:
+            written = tokenizer.apply_chat_template(turns, tokenize=True)
+        except Exception:  # noqa: BLE001 - a template may need other roles or arguments: the named ones only
+            return ids
+        written = written["input_ids"] if isinstance(written, Mapping) else written
+        ids |= set(written) & set(getattr(tokenizer, "all_special_ids", []))
+    return ids
 
 
 def _running_text(tokenizer, vocab_size: int, langs: list[str]) -> np.ndarray:

@@ -53,9 +53,9 @@ def test_ranking_puts_special_tokens_first_then_the_counted_ones(tokenizer, coun
         frequent_tokens(counts, tokenizer, VOCAB, 212)
 
 
-def test_reserved_special_tokens_are_not_kept_ahead_of_words(counts):
+def test_reserved_special_tokens_rank_by_frequency_and_chat_turn_markers_first(counts):
     """Some vocabularies list hundreds of reserved or control tokens as special; only the ones texts are made
-    with (beginning, end, unknown, ...) rank first, the rest by their frequency."""
+    with (beginning, end, unknown, ..., and a chat template's turn markers) rank first, the rest by frequency."""
     import transformers as tf
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -69,6 +69,13 @@ def test_reserved_special_tokens_are_not_kept_ahead_of_words(counts):
     vocab = tok.get_vocab()
     ids = frequent_tokens(counts, tok, len(words), 6)
     assert list(ids) == sorted([0, 1, 2, vocab["the"], vocab["cat"], vocab["sat"]])
+    # a chat template's turn markers are written into every conversation: they rank with the named ones
+    tok.chat_template = ("{% for m in messages %}<|reserved_7|> {{ m['content'] }} <|reserved_8|> {% endfor %}"
+                         "{% if add_generation_prompt %}<|reserved_7|>{% endif %}")
+    ids = frequent_tokens(counts, tok, len(words), 6)
+    assert list(ids) == sorted([0, 1, 2, vocab["<|reserved_7|>"], vocab["<|reserved_8|>"], vocab["the"]])
+    tok.chat_template = "{{ raise_exception('a system turn is required') }}"  # a template that refuses: named only
+    assert list(frequent_tokens(counts, tok, len(words), 6)) == sorted([0, 1, 2, vocab["the"], vocab["cat"], vocab["sat"]])
 
 
 def test_wordfreq_ranking_counts_words_as_they_occur_in_text(tokenizer):
