@@ -8,8 +8,8 @@ small floor, so that no row is ignored outright.
 `token_ranking` orders the vocabulary by how often each token occurs in running text, for the rows an
 ASG table keeps apart (`ASGConfig(keep=N)`, `frequent_tokens`): wordfreq's most common words are
 tokenized as they occur in text (after a space, at the start, capitalised), so that sub-word pieces count
-too; punctuation and numbers get a share; the tokenizer's named special tokens (beginning and end of text,
-separator, padding, ...), which texts are made with, come first.
+too; punctuation and numbers get a share; the special tokens texts are made with (the named ones: beginning
+and end of text, separator, padding, ...; and those the tokenizer's chat template writes) come first.
 """
 
 from __future__ import annotations
