@@ -167,8 +167,10 @@ def test_fidelity_pads_with_end_of_text_where_a_tokenizer_has_no_padding_token(t
     batched = fidelity(model, reference, tokenizer, texts, batch_size=4)
     single = fidelity(model, reference, tokenizer, texts, batch_size=1)
     assert batched["tokens"] == single["tokens"] > 0 and batched["kl"] > 0
-    for name in ("kl", "perplexity", "reference_perplexity", "top1_agreement"):
+    for name in ("kl", "perplexity", "reference_perplexity"):
         assert batched[name] == pytest.approx(single[name], rel=1e-4)
+    # the argmax may flip at a near-tie where another CPU rounds the batched products differently: one token at most
+    assert abs(batched["top1_agreement"] - single["top1_agreement"]) <= 1 / single["tokens"] + 1e-12
     assert tokenizer.pad_token is None and tokenizer.padding_side == "left"
 
 
