@@ -174,8 +174,15 @@ def _text_specials(tokenizer) -> set[int]:
         except Exception:  # noqa: BLE001 - a template may need other roles or arguments: the named ones only
             return ids
         written = written["input_ids"] if isinstance(written, Mapping) else written
-        ids |= set(written) & set(getattr(tokenizer, "all_special_ids", []))
+        ids |= set(written) & _special_ids(tokenizer)
     return ids
+
+
+def _special_ids(tokenizer) -> set[int]:
+    """Every special token's id: those the tokenizer names, and the added tokens marked special. A tokenizer read
+    from a GGUF file (Qwen2.5's) marks its turn markers special without naming them in `all_special_ids`."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(getattr(tokenizer, "all_special_ids", [])) | {i for i, t in added.items() if getattr(t, "special", False)}
 
 
 def _running_text(tokenizer, vocab_size: int, langs: list[str]) -> np.ndarray:

@@ -78,6 +78,23 @@ def test_reserved_special_tokens_rank_by_frequency_and_chat_turn_markers_first(c
     assert list(frequent_tokens(counts, tok, len(words), 6)) == sorted([0, 1, 2, vocab["the"], vocab["cat"], vocab["sat"]])
 
 
+def test_chat_turn_markers_rank_first_where_they_are_special_added_tokens_only(counts):
+    """A tokenizer read from a GGUF file (Qwen2.5-Coder's) marks <|im_start|> special as an added token without
+    naming it in `all_special_ids`; the template writes it into every conversation, so it ranks first."""
+    import transformers as tf
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|fim_pad|>", "the", "cat", "sat", "dog", "mat"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.add_special_tokens([AddedToken(w, special=True) for w in ("<|im_start|>", "<|im_end|>", "<|fim_pad|>")])
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    assert 3 not in tok.all_special_ids  # the shape of the GGUF tokenizer
+    tok.chat_template = "{% for m in messages %}<|im_start|> {{ m['content'] }} <|im_end|> {% endfor %}"
+    ids = frequent_tokens(counts, tok, len(words), 6)
+    assert list(ids) == sorted([0, 1, 2, 3, 4, words.index("the")])  # <|fim_pad|> is special but not written
+
+
 def test_wordfreq_ranking_counts_words_as_they_occur_in_text(tokenizer):
     pytest.importorskip("wordfreq")
     vocab = tokenizer.get_vocab()
