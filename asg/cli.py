@@ -88,7 +88,8 @@ def compress(
                                 "(token<TAB>count per line, or JSON)."),
     norms: Optional[str] = typer.Option(
         None, "--norms", help="Norm-preserving reconstruction: row (store each token's length, V more parameters) "
-                              "or scalar (one length for all). Helps decoder LLMs whose rows all have one length."),
+                              "or scalar (one length for all: suits tables whose rows are all about as long, as "
+                              "Gemma 3's; hurts where lengths vary, as Qwen2.5's). --auto measures each."),
     dtype: Optional[str] = typer.Option(
         None, "--dtype", help="ASG: store the codebooks (and norms) as float32, bfloat16 or float16; the fitted values "
                               "are rounded to it. Default: the model's own precision."),
