@@ -71,4 +71,7 @@ def assemble(target: Path = DEFAULT) -> Path:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT)
-    print(assemble(parser.parse_args().out))
+    try:
+        print(assemble(parser.parse_args().out))
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
