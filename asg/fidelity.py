@@ -68,8 +68,8 @@ def padding(tokenizer):
     side, pad = getattr(tokenizer, "padding_side", None), getattr(tokenizer, "pad_token", None)
     if side is not None:
         tokenizer.padding_side = "right"
-    if pad is None and padding_token(tokenizer) is not None:
-        tokenizer.pad_token = padding_token(tokenizer)
+    if pad is None and (filler := padding_token(tokenizer)) is not None:
+        tokenizer.pad_token = filler
     try:
         yield
     finally:

@@ -182,8 +182,8 @@ def load_model(source: str | None, family, labels: list[str]):
     except (OSError, KeyError) as err:
         raise ValueError(f"could not load {source} as {model_class.__name__}: {err}") from None
     tokenizer = load_tokenizer(source, required=True)
-    if tokenizer.pad_token is None and padding_token(tokenizer) is not None:
-        tokenizer.pad_token = padding_token(tokenizer)
+    if tokenizer.pad_token is None and (filler := padding_token(tokenizer)) is not None:
+        tokenizer.pad_token = filler
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # a sequence classifier finds each text's last token by it
     return model, tokenizer, source
