@@ -78,7 +78,9 @@ def test_the_norm_modes_share_one_fit_and_measure_what_compressing_with_them_giv
     for trial in result.trials:
         direct = copy.deepcopy(model)
         asg.compress(direct, trial.config, tokenizer=tokenizer, progress=False)
-        assert fidelity(direct, model, tokenizer, texts)["kl"] == pytest.approx(trial.scores["kl"], rel=1e-5)
+        # rel 1e-4, as the other KL comparisons: a KL near 6e-4 is a difference of float32 log-probabilities near
+        # -10, and CI once saw the two paths differ by 1.6e-5 of it
+        assert fidelity(direct, model, tokenizer, texts)["kl"] == pytest.approx(trial.scores["kl"], rel=1e-4)
     assert result.best is min(result.trials, key=lambda t: t.scores["kl"])
     assert result.met_target and "best KL" in result.reason
     assert [n for n, p in model.named_parameters() if "codebooks" in n] == []  # the model itself is untouched
